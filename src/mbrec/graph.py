@@ -1,0 +1,127 @@
+"""Graph construction and propagation helpers.
+
+Adjacencies are built once per run with vectorized SciPy code and moved to the device as
+sparse CSR tensors. :func:`spmm` multiplies a sparse matrix by a dense one with a backward
+pass that uses a precomputed transpose (no transposition per step).
+
+Node layout of a bipartite graph: users ``0..U-1`` then items ``U..U+I-1``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+
+def bipartite(R: sp.spmatrix, *, binary: bool = True) -> sp.csr_matrix:
+    """Symmetric ``[[0, R], [R^T, 0]]`` of shape ``(U+I, U+I)``; ``binary=False`` keeps weights
+    (edge multiplicities), ``binary=True`` sets every stored entry to 1."""
+    R = sp.csr_matrix(R, dtype=np.float32)
+    if binary:
+        R = R.copy()
+        R.data[:] = 1.0
+    n_u, n_i = R.shape
+    A = sp.bmat([[None, R], [R.T, None]], format="csr", dtype=np.float32)
+    A.resize((n_u + n_i, n_u + n_i))
+    return A
+
+
+def normalize_sym(A: sp.spmatrix, degree_eps: float = 0.0) -> sp.csr_matrix:
+    """``D^{-1/2} A D^{-1/2}`` with ``D`` the row sums (plus ``degree_eps``); empty rows stay 0."""
+    A = sp.csr_matrix(A, dtype=np.float32)
+    deg = np.asarray(A.sum(axis=1)).ravel().astype(np.float64) + degree_eps
+    with np.errstate(divide="ignore"):
+        inv = np.where(deg > 0, deg**-0.5, 0.0)
+    D = sp.diags(inv.astype(np.float32))
+    return (D @ A @ D).tocsr()
+
+
+def normalize_left(A: sp.spmatrix) -> sp.csr_matrix:
+    """``D^{-1} A`` (row-stochastic); empty rows stay 0."""
+    A = sp.csr_matrix(A, dtype=np.float32)
+    deg = np.asarray(A.sum(axis=1)).ravel().astype(np.float64)
+    with np.errstate(divide="ignore"):
+        inv = np.where(deg > 0, 1.0 / deg, 0.0)
+    return (sp.diags(inv.astype(np.float32)) @ A).tocsr()
+
+
+@dataclass(frozen=True)
+class SparseGraph:
+    """A sparse matrix on the device together with its transpose (for the backward pass).
+
+    For symmetric matrices the transpose is the same tensor, so no extra memory is used.
+    """
+
+    mat: torch.Tensor
+    mat_t: torch.Tensor
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.mat.shape)  # type: ignore[return-value]
+
+    @property
+    def device(self) -> torch.device:
+        return self.mat.device
+
+    def to(self, device: torch.device | str) -> "SparseGraph":
+        same = self.mat_t is self.mat
+        m = self.mat.to(device)
+        return SparseGraph(m, m if same else self.mat_t.to(device))
+
+    def __matmul__(self, x: torch.Tensor) -> torch.Tensor:
+        return spmm(self, x)
+
+
+def _csr_tensor(m: sp.csr_matrix, device: torch.device | str) -> torch.Tensor:
+    m = sp.csr_matrix(m, dtype=np.float32)
+    m.sort_indices()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(
+            torch.from_numpy(m.indptr.astype(np.int64)),
+            torch.from_numpy(m.indices.astype(np.int64)),
+            torch.from_numpy(m.data.astype(np.float32)),
+            size=m.shape,
+            device=device,
+            check_invariants=False,
+        )
+
+
+def to_device(m: sp.spmatrix, device: torch.device | str = "cpu", *, symmetric: bool | None = None) -> SparseGraph:
+    """Move a SciPy matrix to the device as a :class:`SparseGraph`.
+
+    ``symmetric=None`` checks symmetry (exactly) and shares the tensor when it holds.
+    """
+    m = sp.csr_matrix(m, dtype=np.float32)
+    if symmetric is None:
+        symmetric = m.shape[0] == m.shape[1] and (m != m.T).nnz == 0
+    mat = _csr_tensor(m, device)
+    mat_t = mat if symmetric else _csr_tensor(m.T.tocsr(), device)
+    return SparseGraph(mat, mat_t)
+
+
+class _SpMM(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, mat: torch.Tensor, mat_t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.mat_t = mat_t
+        return torch.sparse.mm(mat, x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        return None, None, torch.sparse.mm(ctx.mat_t, grad.contiguous())
+
+
+def spmm(g: SparseGraph, x: torch.Tensor) -> torch.Tensor:
+    """``g.mat @ x`` with gradient for ``x`` only (the graph is data, not a parameter)."""
+    if x.requires_grad:
+        return _SpMM.apply(g.mat, g.mat_t, x)
+    return torch.sparse.mm(g.mat, x)
+
+
+def split_nodes(x: torch.Tensor, n_users: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split a ``[U+I, d]`` node matrix into user and item parts."""
+    return x[:n_users], x[n_users:]
