@@ -1,0 +1,361 @@
+"""BiGEL: behavior-informed graph embedding learning for multi-behavior multi-task recommendation.
+
+Paper: W. Lai, W. Pan, Z. Ming, "Towards Multi-Behavior Multi-Task Recommendation via
+Behavior-informed Graph Embedding Learning", arXiv 2601.07294 (2026). No official code exists;
+this is the reconstruction of ``docs/reference-models.md`` §5.3, every open choice (§9.7) an option.
+
+What it does: (CGL) a cascade of LightGCNs, one per behavior in order, each starting from the
+previous behavior's output (residual hand-over); (CGF) the target embedding is fed back into each
+auxiliary behavior through a learned gate; (GCE) a LightGCN on the all-behavior graph, projected
+per auxiliary behavior and added through a second gate; (CPA) InfoNCE aligns target and global
+embeddings (users and items). Loss: one BPR per behavior, summed, + lambda*CPA + beta*L2. It ranks
+items for **every** behavior (multi-task model).
+
+Options for the §9.7 ambiguities (default first):
+
+* ``gate_input`` "aux" | "aux_target": gate = sigmoid(W LeakyReLU(x) + c) with x = the auxiliary
+  embedding alone, or [auxiliary; target].
+* ``enhance_items`` True | False: CGF and GCE also enhance item embeddings (else users only).
+* ``cgf_detach`` False | True: the target embedding fed back by CGF keeps its gradient (auxiliary
+  BPRs train the target path: the "feedback") or is detached.
+* ``cgf_source`` "target" | "chain": every auxiliary gets the CGL target embedding e^(K) (which has
+  no enhancement of its own: GCE is auxiliary-only), or the feedback cascades backwards
+  (b_{K-1} gets e^(K), b_{K-2} gets the enhanced b_{K-1}, ...).
+* ``layer_agg`` "mean" | "sum": aggregation of a LightGCN's layers. A CGL block aggregates layers
+  1..L_k (layer 0 comes back through the residual); the global LightGCN aggregates layers 0..L_g.
+* ``residual`` "output" | "handover" | "none": e^(k) = LGCN_k(X_k) + X_k and X_{k+1} = e^(k)
+  (CRGCN-style, §5.3), or e^(k) = LGCN_k(X_k) with X_{k+1} = e^(k) + X_k, or no residual.
+* ``layers``: LightGCN depth per behavior in ``order``; default (1, 2, ..., K), i.e. JD (1, 2, 3).
+* ``global_graph`` "binary" | "multiplicity": union of all training edges, or edges weighted by how
+  many behaviors hold the pair; ``global_layers`` L_g = 2.
+* ``cpa_negatives`` "in_batch" | "full": InfoNCE negatives are the other batch users (items) or
+  all users (items). ``cpa_batch`` "unique" | "target_rows": the batch is the distinct users and
+  items (positives and negatives) of all behaviors' triplets, or the target triplets' users and
+  positive items (duplicates kept).
+* ``task_weights`` None (all 1) | {behavior: w}; ``cpa_weight`` lambda = 0.01; ``tau`` = 0.2;
+  ``reg`` beta = 1e-4 with ``reg_scope`` "batch" (LightGCN form: beta/2 * squared norms of the
+  batch's ego embeddings / batch, per behavior) | "all" (beta * ||Theta||^2, Eq. 14 literally);
+  ``embedding_dim`` d = 64; ``init_std`` 0.1 (normal init of P, Q).
+* Sampling: per behavior, triplets (u, i+ in train_b(u), j- not in train_b(u)) (``negatives``
+  "behavior" | "union"); a batch holds ``batch_size`` triplets of every behavior; ``epoch_size``
+  "target": one epoch = one shuffled pass over the target's training pairs, each auxiliary
+  behavior contributing as many pairs, drawn without replacement from a fresh permutation
+  (cycling when it has fewer pairs) | "largest": a pass over the largest behavior.
+* ``order``: behaviors upstream -> downstream, target last; default the dataset's order minus
+  behaviors without training pairs (JD cart).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mbrec.data.container import MultiBehaviorData
+from mbrec.errors import ConfigError
+from mbrec.graph import SparseGraph, bipartite, normalize_sym, to_device
+from mbrec.losses import bpr
+from mbrec.models.base import Batch, Model, ModelConfig, register
+from mbrec.sampling import PositiveSet, sample_negatives
+
+_CHOICES = {
+    "gate_input": ("aux", "aux_target"),
+    "cgf_source": ("target", "chain"),
+    "layer_agg": ("mean", "sum"),
+    "residual": ("output", "handover", "none"),
+    "global_graph": ("binary", "multiplicity"),
+    "cpa_negatives": ("in_batch", "full"),
+    "cpa_batch": ("unique", "target_rows"),
+    "reg_scope": ("batch", "all"),
+    "epoch_size": ("target", "largest"),
+    "negatives": ("behavior", "union"),
+    "bpr_form": ("softplus", "log_eps"),
+}
+
+
+@dataclass
+class BiGELConfig(ModelConfig):
+    embedding_dim: int = 64
+    order: list[str] | None = None
+    layers: list[int] | None = None
+    layer_agg: str = "mean"
+    residual: str = "output"
+    use_cgf: bool = True
+    use_gce: bool = True
+    use_cpa: bool = True
+    gate_input: str = "aux"
+    enhance_items: bool = True
+    cgf_detach: bool = False
+    cgf_source: str = "target"
+    global_graph: str = "binary"
+    global_layers: int = 2
+    cpa_negatives: str = "in_batch"
+    cpa_batch: str = "unique"
+    cpa_weight: float = 0.01
+    tau: float = 0.2
+    reg: float = 1e-4
+    reg_scope: str = "batch"
+    task_weights: dict[str, float] | None = None
+    init_std: float = 0.1
+    bpr_form: str = "softplus"
+    batch_size: int = 2048
+    epoch_size: str = "target"
+    negatives: str = "behavior"
+
+    def __post_init__(self) -> None:
+        for key, allowed in _CHOICES.items():
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"bigel.{key} = {getattr(self, key)!r}; allowed: {list(allowed)}")
+        if self.layers is not None and min(self.layers, default=0) < 1:
+            raise ConfigError(f"bigel.layers must be >= 1 per behavior, got {self.layers!r}")
+        if self.global_layers < 0 or self.tau <= 0 or self.batch_size < 1:
+            raise ConfigError("bigel: global_layers >= 0, tau > 0 and batch_size >= 1 are required")
+
+
+def resolve_order(data: MultiBehaviorData, order: list[str] | None) -> tuple[str, ...]:
+    """The cascade order: given, or the dataset's behaviors that have training pairs."""
+    if order is None:
+        return tuple(b for b in data.behaviors if data.train[b].nnz > 0)
+    out = tuple(order)
+    for b in out:
+        data.behavior_index(b)  # raises on unknown names
+        if data.train[b].nnz == 0:
+            raise ConfigError(f"bigel.order: behavior {b!r} has no training pairs")
+    if len(set(out)) != len(out) or out[-1] != data.target:
+        raise ConfigError(f"bigel.order must list distinct behaviors ending with the target {data.target!r}, got {list(out)}")
+    return out
+
+
+def cpa_info_nce(anchor: torch.Tensor, positive: torch.Tensor, tau: float, candidates: torch.Tensor | None = None,
+                 rows: torch.Tensor | None = None) -> torch.Tensor:
+    """InfoNCE with cosine similarity. In-batch (``candidates`` None): row k of ``positive`` is the
+    positive of row k of ``anchor``, the other rows negatives. Full: ``candidates`` is the whole
+    table and ``rows`` the index of each anchor's positive in it."""
+    a = F.normalize(anchor, dim=1)
+    if candidates is None:
+        logits = a @ F.normalize(positive, dim=1).T / tau
+        labels = torch.arange(len(a), device=a.device)
+    else:
+        logits = a @ F.normalize(candidates, dim=1).T / tau
+        labels = rows
+    return F.cross_entropy(logits, labels)
+
+
+class Gate(nn.Module):
+    """g = sigmoid(W LeakyReLU(x) + c), x = [inputs...] concatenated; output [n, d]."""
+
+    def __init__(self, d_in: int, d: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(d_in, d)
+
+    def forward(self, *xs: torch.Tensor) -> torch.Tensor:
+        x = xs[0] if len(xs) == 1 else torch.cat(xs, dim=1)
+        return torch.sigmoid(self.linear(F.leaky_relu(x)))
+
+
+class BiGELSampler:
+    """Per-behavior BPR triplets; every batch has the same number of triplets of every behavior.
+
+    Batches are dicts of ``[K, m]`` int64 arrays ``users``, ``pos``, ``neg`` (row k = behavior k of
+    the cascade order)."""
+
+    def __init__(self, mats: list[sp.csr_matrix], excludes: list[PositiveSet], batch_size: int, ref: int) -> None:
+        self.users = [np.repeat(np.arange(m.shape[0], dtype=np.int64), np.diff(m.indptr)) for m in mats]
+        self.items = [m.indices.astype(np.int64) for m in mats]
+        self.excludes = excludes
+        self.batch_size = batch_size
+        self.per_epoch = ref  # triplets per behavior per epoch
+
+    def __len__(self) -> int:
+        return -(-self.per_epoch // self.batch_size)
+
+    def epoch(self, rng: np.random.Generator) -> Iterator[Batch]:
+        n = self.per_epoch
+        us, ps, ns = [], [], []
+        for users, items, excl in zip(self.users, self.items, self.excludes):
+            reps = -(-n // len(users))
+            idx = np.concatenate([rng.permutation(len(users)) for _ in range(reps)])[:n]
+            u = users[idx]
+            us.append(u)
+            ps.append(items[idx])
+            ns.append(sample_negatives(u, excl, rng))
+        U, P, N = np.stack(us), np.stack(ps), np.stack(ns)
+        for s in range(0, n, self.batch_size):
+            sl = slice(s, s + self.batch_size)
+            yield {"users": U[:, sl], "pos": P[:, sl], "neg": N[:, sl]}
+
+
+@register("bigel")
+class BiGEL(Model):
+    config_class = BiGELConfig
+    train_defaults = {"lr": 1e-3, "weight_decay": 0.0, "epochs": 300, "patience": 20}
+    summary = "BiGEL (2026): cascading GCN + gated target feedback + global context + contrastive alignment; ranks every behavior"
+
+    def __init__(self, data: MultiBehaviorData, config: BiGELConfig) -> None:
+        super().__init__(data, config)
+        c = config
+        self.order = resolve_order(data, c.order)
+        K, d = len(self.order), c.embedding_dim
+        self.layers = tuple(c.layers) if c.layers is not None else tuple(range(1, K + 1))
+        if len(self.layers) != K:
+            raise ConfigError(f"bigel.layers has {len(self.layers)} entries for {K} behaviors {list(self.order)}")
+        tw = dict(c.task_weights or {})
+        unknown = sorted(set(tw) - set(self.order))
+        if unknown:
+            raise ConfigError(f"bigel.task_weights names unknown behaviors {unknown}; cascade: {list(self.order)}")
+        self.task_weights = {b: float(tw.get(b, 1.0)) for b in self.order}
+        self.user_emb = nn.Parameter(torch.randn(self.n_users, d) * c.init_std)
+        self.item_emb = nn.Parameter(torch.randn(self.n_items, d) * c.init_std)
+        d_gate = 2 * d if c.gate_input == "aux_target" else d
+        aux = self.order[:-1]
+        self.cgf_gates = nn.ModuleDict({b: Gate(d_gate, d) for b in aux}) if c.use_cgf else None
+        self.gce_proj = nn.ModuleDict({b: nn.Linear(d, d) for b in aux}) if c.use_gce else None
+        self.gce_gates = nn.ModuleDict({b: Gate(d_gate, d) for b in aux}) if c.use_gce else None
+
+    @property
+    def needs_global(self) -> bool:
+        return self.config.use_gce or self.config.use_cpa
+
+    @property
+    def scored_behaviors(self) -> tuple[str, ...]:
+        return self.order
+
+    # ------------------------------------------------------------------ graphs and sampling
+    def build_graphs(self, data: MultiBehaviorData, device: torch.device) -> dict[str, Any]:
+        graphs: dict[str, Any] = {
+            "behavior": [to_device(normalize_sym(bipartite(data.train[b])), device, symmetric=True) for b in self.order]
+        }
+        if self.needs_global:
+            if self.config.global_graph == "binary":
+                R = data.train_union(self.order)
+            else:
+                R = sum((data.train[b] for b in self.order), sp.csr_matrix((self.n_users, self.n_items), dtype=np.float32))
+            graphs["global"] = to_device(normalize_sym(bipartite(R, binary=self.config.global_graph == "binary")), device, symmetric=True)
+        return graphs
+
+    def make_sampler(self, data: MultiBehaviorData) -> BiGELSampler:
+        mats = [data.train[b] for b in self.order]
+        if self.config.negatives == "union":
+            union = PositiveSet(data.train_union(self.order))
+            excludes = [union] * len(mats)
+        else:
+            excludes = [PositiveSet(m) for m in mats]
+        ref = mats[-1].nnz if self.config.epoch_size == "target" else max(m.nnz for m in mats)
+        return BiGELSampler(mats, excludes, self.config.batch_size, ref)
+
+    # ------------------------------------------------------------------ encoder
+    def _lightgcn(self, g: SparseGraph, x: torch.Tensor, n_layers: int, include_ego: bool) -> torch.Tensor:
+        acc = x if include_ego else torch.zeros_like(x)
+        h = x
+        for _ in range(n_layers):
+            h = g @ h
+            acc = acc + h
+        if self.config.layer_agg == "mean":
+            acc = acc / (n_layers + int(include_ego))
+        return acc
+
+    def cascade(self, graphs: Mapping[str, Any]) -> list[torch.Tensor]:
+        """CGL: the per-behavior node embeddings e^(k), ``[U+I, d]`` each, in cascade order."""
+        x = torch.cat([self.user_emb, self.item_emb], dim=0)
+        outs = []
+        for g, n_layers in zip(graphs["behavior"], self.layers):
+            prop = self._lightgcn(g, x, n_layers, include_ego=False)
+            if self.config.residual == "output":
+                e = prop + x
+                x = e
+            elif self.config.residual == "handover":
+                e, x = prop, prop + x
+            else:
+                e = x = prop
+            outs.append(e)
+        return outs
+
+    def _enhance(self, gate: Gate, base: torch.Tensor, add: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """base + gate(base[, target]) * add, on users (and items when ``enhance_items``)."""
+        g = gate(base, target) if self.config.gate_input == "aux_target" else gate(base)
+        out = base + g * add
+        if not self.config.enhance_items:
+            out = torch.cat([out[: self.n_users], base[self.n_users :]], dim=0)
+        return out
+
+    def encode(self, graphs: Mapping[str, Any]) -> dict[str, Any]:
+        """All intermediate embeddings: ``cgl`` (list), ``target``, ``glob`` (or None), ``final``
+        ({behavior: [U+I, d]}: the enhanced auxiliaries and the CGL target)."""
+        c = self.config
+        cgl = self.cascade(graphs)
+        target = cgl[-1]
+        fb_target = target.detach() if c.cgf_detach else target
+        glob = None
+        if self.needs_global:
+            ego = torch.cat([self.user_emb, self.item_emb], dim=0)
+            glob = self._lightgcn(graphs["global"], ego, c.global_layers, include_ego=True)
+        final: dict[str, torch.Tensor] = {self.order[-1]: target}
+        source = fb_target
+        for k in range(len(self.order) - 2, -1, -1):  # auxiliaries, downstream first (for "chain")
+            b, e = self.order[k], cgl[k]
+            if c.use_cgf:
+                e = self._enhance(self.cgf_gates[b], e, source, fb_target)
+            if c.use_gce:
+                e = self._enhance(self.gce_gates[b], e, self.gce_proj[b](glob), fb_target)
+            final[b] = e
+            if c.cgf_source == "chain":
+                source = e
+        return {"cgl": cgl, "target": target, "glob": glob, "final": final}
+
+    def forward(self, graphs: Mapping[str, Any]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:  # type: ignore[override]
+        final = self.encode(graphs)["final"]
+        return {b: (final[b][: self.n_users], final[b][self.n_users :]) for b in self.order}
+
+    def score(self, emb: Mapping[str, tuple[torch.Tensor, torch.Tensor]], users: torch.Tensor, behavior: str) -> torch.Tensor:
+        self.check_behavior(behavior)
+        u, i = emb[behavior]
+        return u[users] @ i.T
+
+    # ------------------------------------------------------------------ loss
+    def cpa_loss(self, target: torch.Tensor, glob: torch.Tensor, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """L_cpa = InfoNCE(users) + InfoNCE(items) between target and global embeddings."""
+        n, tau = self.n_users, self.config.tau
+        tu, ti, gu, gi = target[:n], target[n:], glob[:n], glob[n:]
+        if self.config.cpa_negatives == "in_batch":
+            return cpa_info_nce(tu[users], gu[users], tau) + cpa_info_nce(ti[items], gi[items], tau)
+        return cpa_info_nce(tu[users], gu[users], tau, gu, users) + cpa_info_nce(ti[items], gi[items], tau, gi, items)
+
+    def loss(self, graphs: Any, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        c = self.config
+        dev = self.user_emb.device
+        U, P, N = (torch.as_tensor(np.asarray(batch[k]) if not torch.is_tensor(batch[k]) else batch[k], device=dev).long()
+                   for k in ("users", "pos", "neg"))
+        enc = self.encode(graphs)
+        n = self.n_users
+        terms: dict[str, torch.Tensor] = {}
+        total = torch.zeros((), device=dev)
+        reg = torch.zeros((), device=dev)
+        for k, b in enumerate(self.order):
+            e = enc["final"][b]
+            u, i, j = e[U[k]], e[n + P[k]], e[n + N[k]]
+            terms[f"bpr_{b}"] = bpr((u * i).sum(-1), (u * j).sum(-1), form=c.bpr_form)
+            total = total + self.task_weights[b] * terms[f"bpr_{b}"]
+            if c.reg_scope == "batch":
+                ego = self.user_emb[U[k]].pow(2).sum() + self.item_emb[P[k]].pow(2).sum() + self.item_emb[N[k]].pow(2).sum()
+                reg = reg + 0.5 * ego / U.shape[1]
+        if c.reg_scope == "all":
+            reg = sum((p.pow(2).sum() for p in self.parameters()), reg)
+        terms["reg"] = c.reg * reg
+        total = total + terms["reg"]
+        if c.use_cpa:
+            if c.cpa_batch == "unique":
+                users, items = torch.unique(U), torch.unique(torch.cat([P.reshape(-1), N.reshape(-1)]))
+            else:
+                users, items = U[-1], P[-1]
+            terms["cpa"] = self.cpa_loss(enc["target"], enc["glob"], users, items)
+            total = total + c.cpa_weight * terms["cpa"]
+        terms["loss"] = total
+        return terms
+
+
+__all__ = ["BiGEL", "BiGELConfig", "BiGELSampler", "Gate", "cpa_info_nce", "resolve_order"]
