@@ -1,0 +1,157 @@
+"""CRGCN: hand-computed residual cascade, loss with padding rows, gradients, sampler."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+from mbrec.data.container import MultiBehaviorData
+from mbrec.models.base import get_model_class
+from mbrec.models.crgcn import CRGCN, CRGCNConfig
+
+S2 = math.sqrt(2.0)
+# Same hand case as test_mbcgcn: 2 users x 2 items; view u0-i0, u0-i1, u1-i1; buy u0-i0, u1-i1.
+A_VIEW = np.array(
+    [[0, 0, 1 / S2, 1 / 2], [0, 0, 0, 1 / S2], [1 / S2, 0, 0, 0], [1 / 2, 1 / S2, 0, 0]]
+)
+A_BUY = np.array([[0, 0, 1, 0], [0, 0, 0, 1], [1, 0, 0, 0], [0, 1, 0, 0]], dtype=float)
+X0 = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [0.0, 2.0]])
+B_VIEW = np.array([0.1, -0.1])
+B_BUY = np.array([0.0, 0.2])
+
+
+def two_by_two(buy_u1: bool = True) -> MultiBehaviorData:
+    csr = sp.csr_matrix
+    buy = np.array([[1, 0], [0, 1 if buy_u1 else 0]])
+    return MultiBehaviorData(
+        name="2x2",
+        behaviors=("view", "buy"),
+        train={"view": csr(np.array([[1, 1], [0, 1]])), "buy": csr(buy)},
+        valid={},
+        test={},
+        user_ids=np.array(["a", "b"]),
+        item_ids=np.array(["x", "y"]),
+    )
+
+
+def make_model(**kw) -> tuple[CRGCN, list]:
+    data = two_by_two()
+    model = CRGCN(data, CRGCNConfig(embedding_dim=2, **kw))
+    with torch.no_grad():
+        model.user_emb.copy_(torch.tensor(X0[:2]))
+        model.item_emb.copy_(torch.tensor(X0[2:]))
+        model.bias[0].copy_(torch.tensor(B_VIEW))
+        model.bias[1].copy_(torch.tensor(B_BUY))
+    return model, model.build_graphs(data, torch.device("cpu"))
+
+
+def rownorm(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def expected_stages() -> tuple[np.ndarray, np.ndarray]:
+    e_view = rownorm(A_VIEW @ X0 + B_VIEW) + X0
+    e_buy = rownorm(A_BUY @ e_view + B_BUY) + e_view
+    return e_view, e_buy
+
+
+def test_registered_and_scores_every_behavior() -> None:
+    model, _ = make_model()
+    assert get_model_class("crgcn") is CRGCN
+    assert model.scored_behaviors == ("view", "buy")
+
+
+def test_bias_starts_at_zero_and_graph_is_symmetric_normalised() -> None:
+    model = CRGCN(two_by_two(), CRGCNConfig(embedding_dim=4))
+    assert all(torch.count_nonzero(b) == 0 for b in model.bias)
+    graphs = model.build_graphs(two_by_two(), torch.device("cpu"))
+    np.testing.assert_allclose(graphs[0].mat.to_dense().numpy(), A_VIEW, rtol=1e-6)
+    np.testing.assert_allclose(graphs[1].mat.to_dense().numpy(), A_BUY, rtol=1e-6)
+
+
+def test_residual_cascade_with_rownorm_and_bias() -> None:
+    model, graphs = make_model()
+    stages = {b: v.detach().numpy() for b, v in model(graphs).items()}
+    # user 1 under view, written out: Â x = [0, √2]; + bias = [0.1, √2 - 0.1]; rownorm; + [0, 1]
+    h = np.array([0.1, S2 - 0.1])
+    np.testing.assert_allclose(stages["view"][1], h / np.linalg.norm(h) + [0.0, 1.0], rtol=1e-6)
+    e_view, e_buy = expected_stages()
+    np.testing.assert_allclose(stages["view"], e_view, rtol=1e-5)
+    np.testing.assert_allclose(stages["buy"], e_buy, rtol=1e-5)
+    emb = model(graphs)
+    users = torch.tensor([0, 1])
+    np.testing.assert_allclose(model.score(emb, users, "buy").detach().numpy(), e_buy[:2] @ e_buy[2:].T, rtol=1e-5)
+    np.testing.assert_allclose(model.score(emb, users, "view").detach().numpy(), e_view[:2] @ e_view[2:].T, rtol=1e-5)
+
+
+def _bpr_log_eps(d: float) -> float:
+    return -math.log(1e-10 + 1 / (1 + math.exp(-d)))
+
+
+@pytest.mark.parametrize("padding", ["batch", "valid"])
+def test_loss_by_hand_with_padding_rows(padding: str) -> None:
+    model, graphs = make_model(reg_weight=0.5, padding=padding)
+    e_view, e_buy = expected_stages()
+    # rows: user 0 and user 1; user 1's buy row is a padding row (masked)
+    trip = torch.tensor([[[0, 1, 0], [0, 0, 1]], [[1, 1, 0], [1, 0, 0]]])
+    valid = torch.tensor([[True, True], [True, False]])
+    terms = model.loss(graphs, {"triplets": trip, "valid": valid})
+
+    def d(e: np.ndarray, u: int, i: int, j: int) -> float:
+        return float(e[u] @ e[2 + i] - e[u] @ e[2 + j])
+
+    view = (_bpr_log_eps(d(e_view, 0, 1, 0)) + _bpr_log_eps(d(e_view, 1, 1, 0))) / 2
+    buy = _bpr_log_eps(d(e_buy, 0, 0, 1)) / (2 if padding == "batch" else 1)
+    reg = 0.5 * (math.sqrt(1 + 1) + math.sqrt(2 + 4)) / (2 + 1)  # norms of E_u, E_i; n_items + 1
+    assert terms["bpr_view"].item() == pytest.approx(view, rel=1e-5)
+    assert terms["bpr_buy"].item() == pytest.approx(buy, rel=1e-5)
+    assert terms["reg"].item() == pytest.approx(reg, rel=1e-6)
+    assert terms["loss"].item() == pytest.approx(view + buy + reg, rel=1e-5)
+
+
+def test_padding_rows_carry_no_gradient() -> None:
+    grads = []
+    for fill in (0, 1):  # the content of a masked row must not matter
+        model, graphs = make_model()
+        trip = torch.tensor([[[0, 1, 0], [0, 0, 1]], [[1, 1, 0], [1, fill, 1 - fill]]])
+        valid = torch.tensor([[True, True], [True, False]])
+        model.loss(graphs, {"triplets": trip, "valid": valid})["loss"].backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_every_parameter_gets_a_gradient(tiny) -> None:
+    torch.manual_seed(0)
+    model = CRGCN(tiny, CRGCNConfig(embedding_dim=8, batch_size=6))
+    graphs = model.build_graphs(tiny, torch.device("cpu"))
+    batch = next(iter(model.make_sampler(tiny).epoch(np.random.default_rng(0))))
+    terms = model.loss(graphs, {k: torch.as_tensor(v) for k, v in batch.items()})
+    assert set(terms) == {"loss", "bpr_view", "bpr_cart", "bpr_buy", "reg"}
+    terms["loss"].backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_sampler_one_triplet_per_user_and_behavior() -> None:
+    data = two_by_two(buy_u1=False)  # user 1 has no purchase
+    model = CRGCN(data, CRGCNConfig(embedding_dim=2, batch_size=1))
+    batches = list(model.make_sampler(data).epoch(np.random.default_rng(0)))
+    assert len(batches) == 2  # every user once, one user per batch
+    by_user = {int(b["triplets"][0, 0, 0]): b for b in batches}
+    assert sorted(by_user) == [0, 1]
+    assert by_user[1]["valid"].tolist() == [[True, False]]
+    t = by_user[1]["triplets"][0]
+    assert t[0].tolist() == [1, 1, 0]  # view: only positive i1; negative outside the union = i0
+    assert t[1, 1:].tolist() == [0, 0]  # padding positive/negative for the missing purchase
+
+
+def test_xavier_uniform_init_bound(tiny) -> None:
+    torch.manual_seed(0)
+    model = CRGCN(tiny, CRGCNConfig(embedding_dim=8))
+    bound = math.sqrt(6 / (tiny.n_users + 8))
+    assert model.user_emb.abs().max().item() <= bound
+    assert model.user_emb.abs().max().item() > 0.5 * bound

@@ -1,0 +1,167 @@
+"""MB-CGCN: hand-computed propagation, transfer, loss; gradients; pretraining; sampler."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+from mbrec.data.container import MultiBehaviorData
+from mbrec.errors import ConfigError
+from mbrec.models.base import get_model_class
+from mbrec.models.mbcgcn import MBCGCN, MBCGCNConfig, RandomUserSampler, lightgcn_block
+
+S2 = math.sqrt(2.0)
+
+
+def two_by_two() -> MultiBehaviorData:
+    """2 users x 2 items. view: u0-i0, u0-i1, u1-i1. buy: u0-i0, u1-i1."""
+    csr = sp.csr_matrix
+    return MultiBehaviorData(
+        name="2x2",
+        behaviors=("view", "buy"),
+        train={"view": csr(np.array([[1, 1], [0, 1]])), "buy": csr(np.array([[1, 0], [0, 1]]))},
+        valid={},
+        test={},
+        user_ids=np.array(["a", "b"]),
+        item_ids=np.array(["x", "y"]),
+    )
+
+
+# Hand-written normalised view adjacency, node order u0, u1, i0, i1; degrees 2, 1, 1, 2.
+A_VIEW = np.array(
+    [
+        [0, 0, 1 / S2, 1 / 2],
+        [0, 0, 0, 1 / S2],
+        [1 / S2, 0, 0, 0],
+        [1 / 2, 1 / S2, 0, 0],
+    ]
+)
+# buy: every degree is 1, so the normalised adjacency is the plain 0/1 matrix.
+A_BUY = np.array([[0, 0, 1, 0], [0, 0, 0, 1], [1, 0, 0, 0], [0, 1, 0, 0]], dtype=float)
+X0 = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [0.0, 2.0]])  # u0, u1, i0, i1
+
+
+def make_model(layers=(1, 1), **kw) -> tuple[MBCGCN, list]:
+    data = two_by_two()
+    model = MBCGCN(data, MBCGCNConfig(embedding_dim=2, layers=layers, **kw))
+    with torch.no_grad():
+        model.user_emb.copy_(torch.tensor(X0[:2]))
+        model.item_emb.copy_(torch.tensor(X0[2:]))
+        model.w_user[0].copy_(torch.tensor([[0.0, 1.0], [1.0, 0.0]]))  # swap coordinates
+        model.w_item[0].copy_(2 * torch.eye(2))
+    return model, model.build_graphs(data, torch.device("cpu"))
+
+
+def test_registered() -> None:
+    assert get_model_class("mbcgcn") is MBCGCN
+
+
+def test_symmetric_normalisation_values() -> None:
+    _, graphs = make_model()
+    np.testing.assert_allclose(graphs[0].mat.to_dense().numpy(), A_VIEW, rtol=1e-6)
+    np.testing.assert_allclose(graphs[1].mat.to_dense().numpy(), A_BUY, rtol=1e-6)
+
+
+def test_block_is_mean_over_layers() -> None:
+    _, graphs = make_model()
+    x = torch.tensor(X0, dtype=torch.float32)
+    out1 = lightgcn_block(graphs[0], x, 1).numpy()
+    # u0: ([1,0] + [1/√2 + 0, 1/√2 + 1]) / 2 ; i1: ([0,2] + [1/2, 1/√2]) / 2
+    np.testing.assert_allclose(out1[0], [(1 + 1 / S2) / 2, (1 / S2 + 1) / 2], rtol=1e-6)
+    np.testing.assert_allclose(out1[3], [0.25, (2 + 1 / S2) / 2], rtol=1e-6)
+    out2 = lightgcn_block(graphs[0], x, 2).numpy()
+    np.testing.assert_allclose(out2, (X0 + A_VIEW @ X0 + A_VIEW @ A_VIEW @ X0) / 3, rtol=1e-5)
+    np.testing.assert_allclose(lightgcn_block(graphs[0], x, 0).numpy(), X0)
+
+
+def test_cascade_with_transfer_and_sum() -> None:
+    model, graphs = make_model()
+    emb = model(graphs)
+    o1 = (X0 + A_VIEW @ X0) / 2
+    x2 = np.vstack([o1[:2] @ np.array([[0, 1], [1, 0]]), o1[2:] * 2])
+    o2 = (x2 + A_BUY @ x2) / 2
+    # one value written out: user 0 after the buy block = (swap(o1[u0]) + 2 * o1[i0]) / 2
+    o1_u0 = np.array([(1 + 1 / S2) / 2, (1 + 1 / S2) / 2])
+    o1_i0 = np.array([(1 + 1 / S2) / 2, 1 / 2])
+    np.testing.assert_allclose(o2[0], (o1_u0[::-1] + 2 * o1_i0) / 2)
+    np.testing.assert_allclose(emb["user"].detach().numpy(), (o1 + o2)[:2], rtol=1e-5)
+    np.testing.assert_allclose(emb["item"].detach().numpy(), (o1 + o2)[2:], rtol=1e-5)
+    scores = model.score(emb, torch.tensor([1]), "buy").detach().numpy()
+    np.testing.assert_allclose(scores, (o1 + o2)[1:2] @ (o1 + o2)[2:].T, rtol=1e-5)
+
+
+def test_bpr_and_reg_by_hand() -> None:
+    model, graphs = make_model(reg_weight=0.1)
+    emb = {k: v.detach().numpy() for k, v in model(graphs).items() if k != "blocks"}
+    batch = {"users": torch.tensor([0, 1]), "pos": torch.tensor([0, 1]), "neg": torch.tensor([1, 0])}
+    terms = model.loss(graphs, batch)
+    u, it = emb["user"], emb["item"]
+    d0 = u[0] @ it[0] - u[0] @ it[1]
+    d1 = u[1] @ it[1] - u[1] @ it[0]
+    expected_bpr = (math.log1p(math.exp(-d0)) + math.log1p(math.exp(-d1))) / 2
+    # ego rows: u0, u1, i0, i1, i1, i0 ; W_u = swap (‖·‖² = 2), W_i = 2I (‖·‖² = 8)
+    sq = 1 + 1 + 2 + 4 + 4 + 2 + 2 + 8
+    assert terms["bpr"].item() == pytest.approx(expected_bpr, rel=1e-5)
+    assert terms["reg"].item() == pytest.approx(0.1 * 0.5 * sq / 2, rel=1e-6)
+    assert terms["loss"].item() == pytest.approx(expected_bpr + 0.1 * 0.5 * sq / 2, rel=1e-5)
+
+
+def test_every_parameter_gets_a_gradient(tiny) -> None:
+    torch.manual_seed(0)
+    model = MBCGCN(tiny, MBCGCNConfig(embedding_dim=8, layers=(1, 2, 1), batch_size=8))
+    graphs = model.build_graphs(tiny, torch.device("cpu"))
+    batch = next(iter(model.make_sampler(tiny).epoch(np.random.default_rng(0))))
+    terms = model.loss(graphs, {k: torch.as_tensor(v) for k, v in batch.items()})
+    terms["loss"].backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_pretraining_changes_first_block_start(tiny) -> None:
+    def start(epochs: int) -> torch.Tensor:
+        torch.manual_seed(0)
+        model = MBCGCN(tiny, MBCGCNConfig(embedding_dim=8, layers=1, batch_size=8, pretrain_epochs=epochs))
+        before = model.user_emb.detach().clone()
+        graphs = model.build_graphs(tiny, torch.device("cpu"))
+        model.on_train_start(tiny, graphs, torch.device("cpu"))
+        return before, model.user_emb.detach().clone(), model.item_emb.detach().clone()
+
+    b0, u0, _ = start(0)
+    assert torch.equal(b0, u0)
+    b1, u1, i1 = start(3)
+    assert not torch.allclose(b1, u1)
+    # the pretrained table is a LightGCN trained on the view graph: users who view more
+    # items end with larger embeddings than the N(0, 0.01²) start
+    assert u1.norm() > b1.norm()
+    assert torch.isfinite(i1).all()
+
+
+def test_random_user_sampler(tiny) -> None:
+    R = tiny.train["buy"]
+    s = RandomUserSampler(R, batch_size=5)
+    batches = list(s.epoch(np.random.default_rng(1)))
+    assert len(batches) == R.nnz // 5 + 1
+    for b in batches:
+        assert len(set(b["users"].tolist())) == 5  # distinct users within a batch
+        assert np.all(R[b["users"], b["pos"]].A1 == 1)
+        assert np.all(R[b["users"], b["neg"]].A1 == 0)
+
+
+def test_layers_must_match_behaviors(tiny) -> None:
+    with pytest.raises(ConfigError, match="one non-negative depth per behavior"):
+        MBCGCN(tiny, MBCGCNConfig(layers=(1, 2)))
+    with pytest.raises(ConfigError, match="sampler"):
+        MBCGCN(tiny, MBCGCNConfig(sampler="nope"))
+
+
+def test_scores_target_only(tiny) -> None:
+    model = MBCGCN(tiny, MBCGCNConfig(embedding_dim=4, layers=1))
+    assert model.scored_behaviors == ("buy",)
+    emb = model(model.build_graphs(tiny, torch.device("cpu")))
+    assert model.score(emb, torch.arange(3), "buy").shape == (3, tiny.n_items)
+    with pytest.raises(Exception, match="does not predict"):
+        model.score(emb, torch.arange(3), "view")
