@@ -1,0 +1,5 @@
+import sys
+
+from mbrec.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,51 @@
+"""The ``mbrec`` command line. Subcommands live in small modules that each ``register`` theirs."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from mbrec import __version__
+from mbrec.errors import MbrecError
+
+#: modules that add subcommands; a missing optional module is skipped
+COMMAND_MODULES = ("mbrec.cli.data_cmds", "mbrec.cli.run_cmds", "mbrec.cli.experiment_cmds")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mbrec",
+        description="Multi-behavior recommendation: train, evaluate and compare models under explicit protocols.",
+    )
+    parser.add_argument("--version", action="version", version=f"mbrec {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name == name:
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except MbrecError as e:
+        print(f"mbrec {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"mbrec {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

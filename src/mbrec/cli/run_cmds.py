@@ -1,0 +1,160 @@
+"""``mbrec train``, ``evaluate``, ``recommend`` and ``models``."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mbrec.errors import MbrecError, UnknownNameError
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("train", help="train a model, select an epoch, evaluate, write a run folder")
+    p.add_argument("model", help="model name (see `mbrec models`)")
+    p.add_argument("data", help="dataset folder, a name under $MBREC_DATASETS, or a built-in (synthetic)")
+    p.add_argument("--config", help="YAML config (configs/<model>/<dataset>.yaml)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted override, e.g. train.lr=1e-3 (repeatable)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", help="cpu or cuda")
+    p.add_argument("--epochs", type=int, help="epoch cap (train.epochs)")
+    p.add_argument("--protocol", help="protocol preset (default, rmbrec, copf, mmr)")
+    p.add_argument("--out", help="run folder (default runs/<model>-<data>-s<seed>-<time>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no per-epoch log on stderr")
+    p.add_argument("--json", action="store_true", help="print the final metrics as one JSON object")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="evaluate a finished run (optionally under another protocol)")
+    p.add_argument("run_dir")
+    p.add_argument("--protocol", help="preset name (default: the run's own protocol)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="protocol field override, e.g. ks=[5,10]")
+    p.add_argument("--split", default="test", choices=["valid", "test"])
+    p.add_argument("--device")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("recommend", help="top-K items for users, in the dataset's own ids")
+    p.add_argument("run_dir")
+    who = p.add_mutually_exclusive_group(required=True)
+    who.add_argument("--user", nargs="+", help="user id(s) as in the dataset files")
+    who.add_argument("--users", choices=["all"], help="every user")
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--behavior", help="behavior to rank for (default: the target)")
+    p.add_argument("--out", help="write CSV user,behavior,rank,item,score here instead of printing")
+    p.add_argument("--device")
+    p.set_defaults(func=cmd_recommend)
+
+    p = sub.add_parser("models", help="list the registered models")
+    p.set_defaults(func=cmd_models)
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    extra = list(args.set)
+    if args.seed is not None:
+        extra.append(f"seed={args.seed}")
+    if args.device:
+        extra.append(f"device={args.device}")
+    if args.epochs is not None:
+        extra.append(f"train.epochs={args.epochs}")
+    if args.protocol:
+        extra.append(f"protocol.preset={args.protocol}")
+    return extra
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from mbrec.config import build_config, config_from_dict, read_yaml
+    from mbrec.report import metrics_table
+    from mbrec.train import train
+
+    if args.resume:
+        if not args.out:
+            raise MbrecError("--resume needs --out RUN_DIR (the folder of the interrupted run)")
+        cfg = config_from_dict(read_yaml(Path(args.out) / "config.yaml"))
+    else:
+        cfg = build_config(args.model, args.data, config_file=args.config, overrides=_overrides(args))
+    metrics = train(cfg, args.out, resume=args.resume, quiet=args.quiet or args.json)
+    if args.json:
+        print(json.dumps({k: v for k, v in metrics.items() if k != "history"}))
+    else:
+        print()
+        print(f"{cfg.model} on {metrics['dataset']}: best epoch {metrics['best_epoch']} of {metrics['epochs_run']} "
+              f"({metrics['selection']})")
+        print(cfg.protocol.describe())
+        print(metrics_table(metrics))
+        print(f"median epoch {metrics['epoch_seconds_median']:.2f}s, final evaluation {metrics['eval_seconds']:.2f}s")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from mbrec.evaluate import evaluate
+    from mbrec.protocol import get_protocol
+    from mbrec.config import parse_overrides
+    from mbrec.report import metrics_table
+    from mbrec.train import load_run
+
+    cfg, data, model, graphs = load_run(args.run_dir, args.device)
+    protocol = get_protocol(args.protocol, **parse_overrides(args.set)) if args.protocol else get_protocol(cfg.protocol, **parse_overrides(args.set))
+    if args.split == "valid" and data.valid[data.target].nnz == 0:
+        raise MbrecError(f"dataset {data.name!r} has no validation split")
+    with torch.no_grad():
+        result = evaluate(model, graphs, data, protocol, args.split, memory_mb=cfg.train.eval_memory_mb)
+    out = {"run": str(args.run_dir), "model": cfg.model, "dataset": data.name, "split": args.split,
+           "protocol": protocol.as_dict(), args.split: result}
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(protocol.describe())
+        print(metrics_table(out, splits=(args.split,)))
+    return 0
+
+
+def cmd_recommend(args: argparse.Namespace) -> int:
+    from mbrec.evaluate import recommend
+    from mbrec.train import load_run
+
+    cfg, data, model, graphs = load_run(args.run_dir, args.device)
+    behavior = args.behavior or data.target
+    if behavior not in data.behaviors:
+        raise UnknownNameError(f"unknown behavior {behavior!r}; this dataset has {list(data.behaviors)}")
+    model.check_behavior(behavior)
+    if args.k < 1:
+        raise MbrecError(f"--k must be at least 1, got {args.k}")
+    if args.users == "all":
+        users = np.arange(data.n_users)
+    else:
+        users = np.array([data.user_index(u) for u in args.user], dtype=np.int64)
+    with torch.no_grad():
+        emb = model(graphs)
+        items, scores = recommend(model, emb, data, users, behavior, args.k, cfg.protocol,
+                                  memory_mb=cfg.train.eval_memory_mb)
+    handle = open(args.out, "w", newline="") if args.out else sys.stdout
+    try:
+        w = csv.writer(handle)
+        w.writerow(["user", "behavior", "rank", "item", "score"])
+        for row, u in enumerate(users):
+            for rank in range(items.shape[1]):
+                i = items[row, rank]
+                if i < 0:
+                    break
+                w.writerow([data.user_ids[u], behavior, rank + 1, data.item_ids[i], f"{scores[row, rank]:.6g}"])
+    finally:
+        if args.out:
+            handle.close()
+    if args.out:
+        print(f"wrote {len(users) * items.shape[1]:,} rows to {args.out}", file=sys.stderr)
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from mbrec.models.base import available_models, get_model_class
+
+    for name in available_models():
+        cls = get_model_class(name)
+        print(f"{name:10s} {cls.summary}")
+    return 0
