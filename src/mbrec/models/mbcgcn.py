@@ -39,7 +39,7 @@ from mbrec.data.container import MultiBehaviorData
 from mbrec.errors import ConfigError
 from mbrec.graph import SparseGraph, bipartite, normalize_sym, split_nodes, to_device
 from mbrec.losses import bpr
-from mbrec.models.base import Batch, Model, ModelConfig, register
+from mbrec.models.base import Model, ModelConfig, register
 from mbrec.sampling import PositiveSet, interaction_triplets, sample_negatives, sample_positives
 
 
@@ -48,7 +48,7 @@ class MBCGCNConfig(ModelConfig):
     """MB-CGCN hyperparameters (defaults: the official README / argparse)."""
 
     embedding_dim: int = 64
-    #: LightGCN layers per behavior, upstream -> downstream (an int applies to every block)
+    #: LightGCN layers per behavior, upstream -> downstream (one value applies to every block)
     layers: Sequence[int] | int = (2, 4, 3)
     #: L2 weight on the batch's ego embeddings and the transfer matrices (``regs``)
     reg_weight: float = 1e-4
@@ -144,8 +144,10 @@ class MBCGCN(Model):
         "lr": 1e-3,
         "weight_decay": 0.0,
         "epochs": 1000,
-        "patience": 5,  # checks without improvement (official: 5 checks, one every 5 epochs)
+        # official: test every 5 epochs, stop after 5 checks without improvement
+        "patience": 25,
         "eval_every": 5,
+        "eval_start": 5,
     }
     summary = "MB-CGCN: LightGCN blocks chained over behaviors with linear transfers, target BPR"
 
@@ -153,10 +155,8 @@ class MBCGCN(Model):
         super().__init__(data, config)
         self.config: MBCGCNConfig = config
         n_b = len(self.behaviors)
-        layers = config.layers
-        self.layers: tuple[int, ...] = (
-            (int(layers),) * n_b if isinstance(layers, (int, np.integer)) else tuple(int(x) for x in layers)
-        )
+        layers = (config.layers,) if isinstance(config.layers, (int, np.integer)) else tuple(config.layers)
+        self.layers: tuple[int, ...] = tuple(int(x) for x in (layers * n_b if len(layers) == 1 else layers))
         if len(self.layers) != n_b or min(self.layers) < 0:
             raise ConfigError(
                 f"mbcgcn: layers = {list(self.layers)} needs one non-negative depth per behavior "
