@@ -90,9 +90,15 @@ class RunConfig:
 def parse_value(text: str) -> Any:
     """A ``--set`` value as YAML (numbers, booleans, lists, strings); never evaluated as code."""
     try:
-        return yaml.safe_load(text)
+        value = yaml.safe_load(text)
     except yaml.YAMLError:
         return text
+    if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:

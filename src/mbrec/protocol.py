@@ -52,6 +52,7 @@ class Protocol:
     hr: str = "hit_rate"
     #: ``normalized``: DCG / IDCG with IDCG over min(#held-out, K); ``dcg``: DCG alone (COPF/PKEF)
     ndcg: str = "normalized"
+    #: cut-offs; the selection metric's K is added when missing
     ks: tuple[int, ...] = (10, 20)
     #: which behaviors are evaluated: the target only, or every behavior the model scores
     tasks: str = "target"
@@ -76,11 +77,13 @@ class Protocol:
         if bad:
             raise ConfigError(f"protocol.metrics: unknown {bad}; allowed: {list(METRICS)}")
         name, _, k = self.select_metric.partition("@")
-        if name not in METRICS or not k.isdigit() or int(k) not in self.ks or name not in self.metrics:
+        if name not in METRICS or not k.isdigit() or int(k) < 1 or name not in self.metrics:
             raise ConfigError(
                 f"protocol.select_metric = {self.select_metric!r}: must be METRIC@K with METRIC in "
-                f"{list(self.metrics)} and K in {list(self.ks)}"
+                f"{list(self.metrics)}"
             )
+        if int(k) not in self.ks:  # the selection cut-off is always computed
+            object.__setattr__(self, "ks", tuple(sorted(set(self.ks) | {int(k)})))
 
     @property
     def paper_parity(self) -> bool:

@@ -76,6 +76,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not args.out:
             raise MbrecError("--resume needs --out RUN_DIR (the folder of the interrupted run)")
         cfg = config_from_dict(read_yaml(Path(args.out) / "config.yaml"))
+        if args.epochs is not None:  # extend (or shorten) an interrupted or finished run
+            cfg.train.epochs = args.epochs
     else:
         cfg = build_config(args.model, args.data, config_file=args.config, overrides=_overrides(args))
     metrics = train(cfg, args.out, resume=args.resume, quiet=args.quiet or args.json)
