@@ -1,0 +1,333 @@
+"""RMBRec (Cai et al., "Robust Multi-Behavior Recommendation", WWW'26; seed 001), as in the
+official PyTorch code (miaomiao-cai2/RMBRec@5e7827c), with the paper's forms as options.
+
+One graph encoder per behavior propagates the *shared* user/item tables on that behavior's own
+graph (no cascade); the fused embeddings (equal-weight mean over behaviors) are trained with a
+target BPR loss, plus a target-anchored user contrastive loss (RRM) and the variance of the
+per-behavior BPR risks (ORM, REx). One propagation per behavior per step feeds every term.
+
+Options (official-code behavior is the default; paper forms are opt-in):
+
+* ``encoder``: ``official`` (each layer's output L2-normalised per row, layers 0..L *summed*)
+  or ``lightgcn`` (plain mean of layers, as the paper says).
+* ``rrm``: ``official`` (cross-view: target-view anchor vs the auxiliary views of the batch
+  users, both directions averaged, *summed* over auxiliary behaviors) or ``paper`` (Eqs. 3-4:
+  auxiliary anchor, target positive, other users' auxiliary views as negatives, *mean* over
+  auxiliary behaviors).
+* ``orm``: ``rex`` (variance of the per-behavior BPR risks, all behaviors; ``rex_variance``
+  ``unbiased`` as coded or ``population`` as in Eq. 7); ``irm_v1_code`` (the code's "v1": a
+  dummy scalar multiplies each behavior's *loss*, so its penalty is ``sum_b L_b^2``; the dummy
+  never receives a gradient, so it is not materialised); ``irm_v2_code`` (the code's "v2":
+  unbiased variance over behaviors of ``dL_b/dE_user``, averaged over the table's entries);
+  ``irm_v1_paper`` (Eq. 13: a learnable scalar classifier ``w`` scales every behavior's logits,
+  penalty ``sum_b (dL_b/dw)^2`` at the current ``w``); ``irm_v2_paper`` (Eq. 14: ``w`` fixed
+  to 1, the textbook IRMv1 penalty). Only the penalty enters the loss (``lambda_irm``), as for
+  REx: per-behavior BPR risks are never added to the objective directly.
+* ``padding``: ``faithful`` (default; the code's 1-based tables with a padding row: a user
+  without behavior ``b`` contributes the row (pad, pad, pad) to ``b``'s BPR mean, i.e. log 2
+  with zero gradient, and to the regulariser; the pad user joins the RRM users when a target
+  row is padding) or ``masked`` (such rows are left out of every term).
+  With ``faithful`` the tables get one extra (isolated) user row and item row, stored *last*;
+  ``score`` returns exactly ``n_items`` columns, so, unlike the official evaluator, the pad
+  item is not a ranking candidate (a documented deviation; it can only push real items down).
+* Ablations: ``lambda_cl=0`` (w/o RRM), ``lambda_irm=0`` (w/o ORM), ``drop_behaviors``
+  (w/o view, w/o cart: the behavior's graph, triplets and negative-exclusion set are removed).
+
+Regularisation as coded: ``reg * sum_b 1/2(|p_u|^2 + |q_i|^2 + |q_j|^2) / batch`` on the
+*propagated* per-behavior rows, plus the trainer's Adam weight decay (1e-3) on every parameter.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Iterator, Mapping
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mbrec.data.container import MultiBehaviorData
+from mbrec.errors import ConfigError
+from mbrec.graph import SparseGraph, bipartite, normalize_sym, spmm, to_device
+from mbrec.models.base import Model, ModelConfig, register
+from mbrec.sampling import PositiveSet, per_user_triplets, user_batches
+
+BPR_EPS = 1e-10  # the code's -log(1e-10 + sigmoid(x))
+_CHOICES = {
+    "encoder": ("official", "lightgcn"),
+    "rrm": ("official", "paper"),
+    "orm": ("rex", "irm_v1_code", "irm_v2_code", "irm_v1_paper", "irm_v2_paper"),
+    "rex_variance": ("unbiased", "population"),
+    "padding": ("faithful", "masked"),
+}
+
+
+@dataclass
+class RMBRecConfig(ModelConfig):
+    """Defaults are the official argparse defaults (Beibei's README uses ``lambda_cl=0.8``)."""
+
+    embedding_dim: int = 64
+    n_layers: int = 3
+    encoder: str = "official"
+    rrm: str = "official"
+    orm: str = "rex"
+    rex_variance: str = "unbiased"
+    padding: str = "faithful"
+    lambda_cl: float = 1.0
+    tau: float = 0.07
+    lambda_irm: float = 1.0
+    reg: float = 1e-3
+    batch_size: int = 1024
+    init_std: float = 0.1
+    degree_eps: float = 1e-7
+    drop_behaviors: list[str] = field(default_factory=list)
+
+
+class UserTripletSampler:
+    """Official RMBRec epoch: shuffled batches of users; per user and behavior one
+    ``(u, i+, j-)`` with ``j-`` rejected against the union of all (kept) behaviors."""
+
+    def __init__(self, matrices: list[sp.csr_matrix], exclude: sp.csr_matrix, batch_size: int) -> None:
+        self.matrices = [sp.csr_matrix(m) for m in matrices]
+        self.exclude = PositiveSet(exclude)
+        self.batch_size = batch_size
+        self.n_users = self.matrices[0].shape[0]
+
+    def epoch(self, rng: np.random.Generator) -> Iterator[dict[str, np.ndarray]]:
+        for users in user_batches(self.n_users, self.batch_size, rng):
+            trip, valid = per_user_triplets(self.matrices, users, self.exclude, rng)
+            yield {"triplets": trip, "valid": valid}
+
+
+def _csr_int32(A: sp.csr_matrix, device: torch.device | str) -> torch.Tensor:
+    """CSR tensor with int32 indices: MKL's sparse kernels take 32-bit indices, so int64 ones
+    are converted on every product (two extra copies of the index arrays per call)."""
+    if A.nnz >= 2**31 - 1:
+        return to_device(A, device, symmetric=True).mat
+    A = sp.csr_matrix(A, dtype=np.float32)
+    A.sort_indices()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(
+            torch.from_numpy(A.indptr.astype(np.int32)),
+            torch.from_numpy(A.indices.astype(np.int32)),
+            torch.from_numpy(A.data.astype(np.float32)),
+            size=A.shape,
+            device=device,
+            check_invariants=False,
+        )
+
+
+def bpr_rows(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+    """Per-row ``-log(1e-10 + sigmoid(pos - neg))`` (the official BPRLoss before its mean)."""
+    return -torch.log(BPR_EPS + torch.sigmoid(pos - neg))
+
+
+def bpr_dw(x: torch.Tensor, w: torch.Tensor | float) -> torch.Tensor:
+    """``d/dw [-log(1e-10 + sigmoid(w x))]`` per row, differentiable in ``x`` and ``w``."""
+    s = torch.sigmoid(w * x)
+    return -s * (1.0 - s) * x / (BPR_EPS + s)
+
+
+class _NormalizedPropagation(torch.autograd.Function):
+    """One official encoder layer, ``y = rownorm(A x)``, with a fused backward
+    ``dx = A^T [(dy - y (y . dy)) / |A x|]`` (fewer passes over the node matrix than autograd
+    through ``F.normalize``). Not twice differentiable; ``irm_v2_code`` uses the plain path."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, mat: torch.Tensor, mat_t: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        h = torch.sparse.mm(mat, x)
+        n = torch.linalg.vector_norm(h, dim=1, keepdim=True).clamp_min_(1e-12)
+        y = h.div_(n)
+        ctx.save_for_backward(y, n)
+        ctx.mat_t = mat_t
+        return y
+
+    @staticmethod
+    def backward(ctx, gy: torch.Tensor):  # type: ignore[override]
+        y, n = ctx.saved_tensors
+        gh = gy - y * (y * gy).sum(1, keepdim=True)
+        gh.div_(n)
+        return torch.sparse.mm(ctx.mat_t, gh), None, None
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor | None, dim: int = -1) -> torch.Tensor:
+    if mask is None:
+        return x.mean(dim)
+    m = mask.to(x.dtype)
+    return (x * m).sum(dim) / m.sum(dim).clamp_min(1.0)
+
+
+def cross_view_nce(anchor: torch.Tensor, views: torch.Tensor, tau: float) -> torch.Tensor:
+    """Official RRM per auxiliary view: ``S = a c^T / tau``, ``1/2 [CE(S) + CE(S^T)]`` with
+    identity labels. ``anchor`` ``[n, d]``, ``views`` ``[V, n, d]`` (unit rows); returns ``[V]``."""
+    s = torch.matmul(views, anchor.T).transpose(1, 2) / tau  # [V, n(anchor), n(view)]
+    diag = torch.diagonal(s, dim1=1, dim2=2)
+    ce_rows = (torch.logsumexp(s, 2) - diag).mean(1)
+    ce_cols = (torch.logsumexp(s, 1) - diag).mean(1)
+    return 0.5 * (ce_rows + ce_cols)
+
+
+def intra_view_nce(anchor: torch.Tensor, views: torch.Tensor, tau: float) -> torch.Tensor:
+    """Paper RRM (Eq. 3) per auxiliary view: anchor ``c_u`` (auxiliary), positive ``a_u``
+    (target), negatives ``c_u'`` (same auxiliary view, other users); the positive is in the
+    denominator (standard InfoNCE, the bound of Appendix A). Returns the mean over users ``[V]``."""
+    s = torch.matmul(views, views.transpose(1, 2)) / tau  # [V, n, n]
+    pos = (views * anchor.unsqueeze(0)).sum(-1) / tau  # [V, n]
+    eye = torch.eye(s.shape[1], dtype=torch.bool, device=s.device)
+    logits = torch.where(eye, pos.unsqueeze(2).expand_as(s), s)
+    return (torch.logsumexp(logits, 2) - pos).mean(1)
+
+
+@register("rmbrec")
+class RMBRec(Model):
+    config_class = RMBRecConfig
+    train_defaults = {"lr": 1e-3, "weight_decay": 1e-3, "epochs": 200, "patience": 20}
+    summary = "RMBRec (WWW'26): per-behavior encoders, target-anchored contrast (RRM), risk variance (ORM)"
+
+    def __init__(self, data: MultiBehaviorData, config: RMBRecConfig) -> None:
+        super().__init__(data, config)
+        for key, allowed in _CHOICES.items():
+            if getattr(config, key) not in allowed:
+                raise ConfigError(f"rmbrec {key} = {getattr(config, key)!r}; allowed: {list(allowed)}")
+        drop = list(config.drop_behaviors or [])
+        for b in drop:
+            data.behavior_index(b)  # raises a clear error for unknown names
+        if data.target in drop:
+            raise ConfigError(f"rmbrec drop_behaviors cannot drop the target {data.target!r}")
+        self.behaviors = tuple(b for b in data.behaviors if b not in drop)
+        self.cfg = config
+        self.pad = 1 if config.padding == "faithful" else 0
+        # padding rows (faithful) are the last user row and the last item row
+        self.n_u = self.n_users + self.pad
+        self.n_i = self.n_items + self.pad
+        d = config.embedding_dim
+        self.user_emb = nn.Parameter(torch.randn(self.n_u, d) * config.init_std)
+        self.item_emb = nn.Parameter(torch.randn(self.n_i, d) * config.init_std)
+        self.irm_w = nn.Parameter(torch.ones(())) if config.orm == "irm_v1_paper" else None
+
+    # -- graphs and sampling ----------------------------------------------------------------
+    def build_graphs(self, data: MultiBehaviorData, device: torch.device) -> list[SparseGraph]:
+        graphs = []
+        for b in self.behaviors:
+            R = sp.csr_matrix(data.train[b])
+            if self.pad:
+                R = sp.csr_matrix((R.data, R.indices, np.append(R.indptr, R.indptr[-1])), shape=(self.n_u, self.n_i))
+            A = normalize_sym(bipartite(R), degree_eps=self.cfg.degree_eps)
+            mat = _csr_int32(A, device)  # symmetric: the transpose is the same tensor
+            graphs.append(SparseGraph(mat, mat))
+        return graphs
+
+    def make_sampler(self, data: MultiBehaviorData) -> UserTripletSampler:
+        mats = [data.train[b] for b in self.behaviors]
+        return UserTripletSampler(mats, data.train_union(self.behaviors), self.cfg.batch_size)
+
+    # -- encoder ----------------------------------------------------------------------------
+    def propagate(self, graphs: list[SparseGraph]) -> list[torch.Tensor]:
+        """Per-behavior node embeddings ``[n_u + n_i, d]`` from the shared tables, one per graph."""
+        ego = torch.cat([self.user_emb, self.item_emb], 0)
+        official = self.cfg.encoder == "official"
+        fused = official and self.cfg.orm != "irm_v2_code" and ego.requires_grad
+        outs = []
+        for g in graphs:
+            x, acc = ego, ego
+            for _ in range(self.cfg.n_layers):
+                if fused:
+                    x = _NormalizedPropagation.apply(x, g.mat, g.mat_t)
+                else:
+                    x = spmm(g, x)
+                    if official:
+                        x = F.normalize(x, dim=1)
+                acc = acc + x
+            outs.append(acc if official else acc / (self.cfg.n_layers + 1))
+        return outs
+
+    def forward(self, graphs: list[SparseGraph]) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        """Fused ``(z_users [n_u, d], z_items [n_i, d])`` (padding rows included, last)."""
+        z = torch.stack(self.propagate(graphs)).mean(0)
+        return z[: self.n_u], z[self.n_u :]
+
+    def score(self, emb: tuple[torch.Tensor, torch.Tensor], users: torch.Tensor, behavior: str) -> torch.Tensor:
+        self.check_behavior(behavior)
+        zu, zi = emb
+        return zu[users] @ zi[: self.n_items].T
+
+    # -- loss -------------------------------------------------------------------------------
+    def _index(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(users, pos, neg)`` as ``[n_b, B]`` node indices, and the row mask (masked mode)."""
+        trip = torch.as_tensor(batch["triplets"]).long()
+        valid = torch.as_tensor(batch["valid"]).bool()
+        u, i, j = trip[..., 0].T, trip[..., 1].T, trip[..., 2].T
+        mask = valid.T
+        if self.pad:  # official padding row (0, 0, 0) -> this model's (pad user, pad item, pad item)
+            u = torch.where(mask, u, self.n_users)
+            i = torch.where(mask, i, self.n_items)
+            j = torch.where(mask, j, self.n_items)
+            return u, i + self.n_u, j + self.n_u, None
+        return u, i + self.n_u, j + self.n_u, mask
+
+    def loss(self, graphs: list[SparseGraph], batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        cfg = self.cfg
+        H = self.propagate(graphs)  # one propagation per behavior, shared by every term
+        u, i, j, mask = self._index(batch)
+        n_b, bsz = u.shape
+        risks, diffs, reg = [], [], torch.zeros((), device=H[0].device)
+        for k, h in enumerate(H):  # per-behavior BPR risks (they enter through ORM only) and reg
+            pu, qi, qj = h[u[k]], h[i[k]], h[j[k]]
+            pos, neg = (pu * qi).sum(-1), (pu * qj).sum(-1)
+            mk = None if mask is None else mask[k]
+            risks.append(masked_mean(bpr_rows(pos, neg), mk))
+            diffs.append(pos - neg)
+            sq = pu.pow(2).sum(-1) + qi.pow(2).sum(-1) + qj.pow(2).sum(-1)
+            reg = reg + 0.5 * (sq if mk is None else sq * mk).sum() / bsz
+
+        # fused target BPR on the target-behavior triplets
+        ut, it, jt = u[-1], i[-1], j[-1]
+        zu, zi, zj = (sum(h[r] for h in H) / n_b for r in (ut, it, jt))  # fused rows only
+        mt = None if mask is None else mask[-1]
+        main = masked_mean(bpr_rows((zu * zi).sum(-1), (zu * zj).sum(-1)), mt)
+
+        terms = {"main": main, "reg": reg}
+        total = main + cfg.reg * reg
+        if cfg.lambda_cl != 0 and n_b > 1:
+            terms["rrm"] = self._rrm(H, ut if mt is None else ut[mt])
+            total = total + cfg.lambda_cl * terms["rrm"]
+        if cfg.lambda_irm != 0 and n_b > 1:
+            terms["orm"] = self._orm(risks, diffs, mask)
+            total = total + cfg.lambda_irm * terms["orm"]
+        for k, b in enumerate(self.behaviors):
+            terms[f"bpr_{b}"] = risks[k].detach()
+        terms["loss"] = total
+        return terms
+
+    def _rrm(self, H: list[torch.Tensor], users: torch.Tensor) -> torch.Tensor:
+        users = torch.unique(users)
+        P = F.normalize(torch.stack([h[users] for h in H]), dim=-1)  # [n_b, n, d] unique batch users
+        anchor, views = P[-1], P[:-1]
+        if self.cfg.rrm == "official":
+            return cross_view_nce(anchor, views, self.cfg.tau).sum()
+        return intra_view_nce(anchor, views, self.cfg.tau).mean()
+
+    def _orm(self, risks: list[torch.Tensor], diffs: list[torch.Tensor], mask: torch.Tensor | None) -> torch.Tensor:
+        orm = self.cfg.orm
+        r = torch.stack(risks)
+        if orm == "rex":
+            return r.var(unbiased=self.cfg.rex_variance == "unbiased")
+        if orm == "irm_v1_code":
+            return r.pow(2).sum()
+        if orm == "irm_v2_code":
+            grads = [
+                torch.autograd.grad(x, self.user_emb, create_graph=True, retain_graph=True)[0].flatten()
+                for x in risks
+            ]
+            return torch.stack(grads).var(0).mean()
+        w = self.irm_w if orm == "irm_v1_paper" else 1.0
+        g = torch.stack(diffs)
+        return masked_mean(bpr_dw(g, w), mask).pow(2).sum()
+
+    @property
+    def scored_behaviors(self) -> tuple[str, ...]:
+        return (self.target,)
