@@ -48,6 +48,17 @@ def csr_rows_coords(R: sp.csr_matrix, users: np.ndarray) -> tuple[np.ndarray, np
     return rows, cols
 
 
+def _membership(R: sp.csr_matrix, users: np.ndarray, top: torch.Tensor, n_items: int) -> torch.Tensor:
+    """``out[r, k]`` = whether item ``top[r, k]`` is in row ``users[r]`` of ``R`` (sorted-key search)."""
+    rows, cols = csr_rows_coords(R, users)
+    keys = torch.from_numpy(rows * n_items + cols).to(top.device)  # sorted: rows ascend, CSR cols sorted
+    if len(keys) == 0:
+        return torch.zeros_like(top, dtype=torch.bool)
+    q = torch.arange(len(top), device=top.device).unsqueeze(1) * n_items + top
+    pos = torch.searchsorted(keys, q).clamp(max=len(keys) - 1)
+    return keys[pos] == q
+
+
 def mask_for(data: MultiBehaviorData, protocol: Protocol, behavior: str) -> sp.csr_matrix | None:
     """The training items removed from ``behavior``'s ranking under ``protocol``."""
     if protocol.mask == "none":
@@ -140,18 +151,17 @@ def evaluate(
             if mask is not None:
                 r, c = csr_rows_coords(mask, chunk)
                 scores[torch.from_numpy(r).to(device), torch.from_numpy(c).to(device)] = -math.inf
-            gt = rows_to_dense(gt_mat, chunk, data.n_items, device)
+            n_gt = torch.from_numpy(np.diff(gt_mat.indptr)[chunk]).to(device)
             if protocol.candidates == "sampled":
-                cand = gt.clone()
+                cand = rows_to_dense(gt_mat, chunk, data.n_items, device)
                 rows = np.repeat(np.arange(len(chunk)), protocol.n_negatives)
                 negs = sample_negatives(np.repeat(chunk, protocol.n_negatives), exclude, rng)  # type: ignore[arg-type]
                 cand[torch.from_numpy(rows).to(device), torch.from_numpy(negs).to(device)] = True
                 scores = scores.masked_fill(~cand, -math.inf)
             top_scores, top = torch.topk(scores, min(max_k, data.n_items), dim=1)
-            hits = gt.gather(1, top) & torch.isfinite(top_scores)
+            hits = _membership(gt_mat, chunk, top, data.n_items) & torch.isfinite(top_scores)
             if hits.shape[1] < max_k:  # fewer items than K
                 hits = torch.nn.functional.pad(hits, (0, max_k - hits.shape[1]))
-            n_gt = gt.sum(1)
             for name, values in hit_metrics(hits, n_gt, protocol).items():
                 sums[name] = sums.get(name, 0.0) + float(values.sum())
         result[b] = {name: total / len(users) for name, total in sums.items()}
