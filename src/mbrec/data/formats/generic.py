@@ -68,26 +68,94 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return meta
 
 
-def _read_table(path: Path) -> tuple[pd.DataFrame, int]:
-    """The table as strings (ids stay exactly as written) and the row -> line offset."""
-    if path.suffix == ".parquet":
+class _Table:
+    """Columns of the interaction table as strings, read with pyarrow when installed (fast,
+    multi-threaded) else pandas' C reader. Ids are factorized once; work on distinct values only."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._arrow = None
+        self._df: pd.DataFrame | None = None
         try:
-            df = pd.read_parquet(path)
+            import pyarrow as pa
+            import pyarrow.csv as pacsv
         except ImportError:
-            raise DataError("reading .parquet needs pyarrow: pip install 'mbrec[parquet]'",
-                            path=path) from None
-        except Exception as e:  # noqa: BLE001
-            raise DataError(f"unreadable parquet file ({e})", path=path) from None
-        return df, 1
-    sep = "\t" if path.suffix == ".tsv" else ","
-    try:
-        df = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, engine="c")
-    except pd.errors.EmptyDataError:
-        raise DataError("empty file (expected a header line user,item,behavior,...)",
-                        path=path) from None
-    except pd.errors.ParserError as e:
-        raise DataError(f"malformed table ({e})", path=path) from None
-    return df, 2
+            pa = None
+        if path.suffix == ".parquet":
+            if pa is None:
+                raise DataError("reading .parquet needs pyarrow: pip install 'mbrec[parquet]'",
+                                path=path)
+            import pyarrow.parquet as pq
+
+            try:
+                self._arrow = pq.read_table(path)
+            except Exception as e:  # noqa: BLE001
+                raise DataError(f"unreadable parquet file ({e})", path=path) from None
+        elif pa is not None:
+            try:
+                with open(path, encoding="utf-8", errors="replace") as fh:
+                    first = fh.readline().rstrip("\r\n")
+                names = [c.strip().strip('"') for c in first.split(self._sep)]
+                self._arrow = pacsv.read_csv(
+                    path,
+                    parse_options=pacsv.ParseOptions(delimiter=self._sep),
+                    convert_options=pacsv.ConvertOptions(
+                        column_types={c: pa.string() for c in names}, strings_can_be_null=False,
+                        quoted_strings_can_be_null=False,
+                    ),
+                )
+            except pa.ArrowInvalid as e:
+                msg = str(e)
+                if "Empty CSV file" in msg:
+                    raise DataError("empty file (expected a header line user,item,behavior,...)",
+                                    path=path) from None
+                raise DataError(f"malformed table ({msg.splitlines()[0]})", path=path) from None
+        else:
+            try:
+                self._df = pd.read_csv(path, sep=self._sep, dtype=str, keep_default_na=False)
+            except pd.errors.EmptyDataError:
+                raise DataError("empty file (expected a header line user,item,behavior,...)",
+                                path=path) from None
+            except pd.errors.ParserError as e:
+                raise DataError(f"malformed table ({e})", path=path) from None
+
+    @property
+    def _sep(self) -> str:
+        return "\t" if self.path.suffix == ".tsv" else ","
+
+    @property
+    def columns(self) -> list[str]:
+        if self._arrow is not None:
+            return [str(c) for c in self._arrow.column_names]
+        assert self._df is not None
+        return [str(c) for c in self._df.columns]
+
+    def __len__(self) -> int:
+        return self._arrow.num_rows if self._arrow is not None else len(self._df)  # type: ignore[arg-type]
+
+    def series(self, col: str) -> pd.Series:
+        if self._arrow is not None:
+            return self._arrow.column(col).to_pandas()
+        assert self._df is not None
+        return self._df[col]
+
+    def codes(self, col: str) -> tuple[np.ndarray, np.ndarray]:
+        """(code of each row, distinct values stripped of surrounding blanks, as str)."""
+        if self._arrow is not None:
+            import pyarrow as pa
+            import pyarrow.compute as pc
+
+            arr = self._arrow.column(col)
+            if not pa.types.is_string(arr.type) and not pa.types.is_large_string(arr.type):
+                arr = pc.cast(arr, pa.string())
+            enc = arr.combine_chunks().dictionary_encode() if arr.num_chunks != 1 else arr.chunk(0).dictionary_encode()
+            codes = enc.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+            uniq = enc.dictionary.to_pylist()
+        else:
+            codes, uniq = pd.factorize(self.series(col).astype(str))
+        stripped = np.asarray(["" if v is None else str(v).strip() for v in uniq], dtype=object)
+        c2, u2 = pd.factorize(stripped)
+        return c2[codes], np.asarray(u2, dtype=object).astype(str)
 
 
 def _line(path: Path, offset: int, row: int) -> int:
@@ -96,8 +164,7 @@ def _line(path: Path, offset: int, row: int) -> int:
     return nth_data_line(path, row + 1)
 
 
-def _check_columns(df: pd.DataFrame, path: Path) -> None:
-    cols = [str(c) for c in df.columns]
+def _check_columns(cols: list[str], path: Path) -> None:
     known = REQUIRED + OPTIONAL
     for c in REQUIRED:
         if c not in cols:
@@ -112,18 +179,15 @@ def _check_columns(df: pd.DataFrame, path: Path) -> None:
                                 line=1, value=c)
 
 
-def _index(values: np.ndarray, universe: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    """(index of each value, ids in index order)."""
+def _index(found: np.ndarray, universe: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """(index into the universe of each distinct value, -1 if absent; ids in index order)."""
     if universe is None:
-        uniq = pd.unique(values)
-        s = pd.Series(uniq, dtype=str)
+        s = pd.Series(found, dtype=object)
         if len(s) and s.str.fullmatch(r"-?\d{1,18}").all():
-            uniq = uniq[np.argsort(s.astype(np.int64).to_numpy(), kind="stable")]
+            universe = found[np.argsort(s.astype(np.int64).to_numpy(), kind="stable")]
         else:
-            uniq = np.sort(uniq.astype(str))
-        universe = uniq.astype(str)
-    codes = pd.Index(universe).get_indexer(values)
-    return codes, universe
+            universe = np.sort(found)
+    return pd.Index(universe).get_indexer(found), np.asarray(universe).astype(str)
 
 
 def _read_ids(dir_: Path, fname: Any, yaml_path: Path) -> np.ndarray:
@@ -154,40 +218,44 @@ def load(path: Path, *, name: str, seed: int = 0, **options: Any) -> MultiBehavi
         behaviors = [b for b in behaviors if b != target] + [target]
         notes.append(f"Target {target!r} moved last.")
 
-    df, offset = _read_table(table)
-    _check_columns(df, table)
+    df = _Table(table)
+    offset = 1 if table.suffix == ".parquet" else 2
+    _check_columns(df.columns, table)
     n_rows = len(df)
     if n_rows == 0:
         raise DataError("no interaction rows", path=table)
-    user = df["user"].astype(str).str.strip().to_numpy()
-    item = df["item"].astype(str).str.strip().to_numpy()
-    beh = df["behavior"].astype(str).str.strip().to_numpy()
-    for col, vals in (("user", user), ("item", item)):
-        empty = vals == ""
-        if empty.any():
+    ucodes, ufound = df.codes("user")
+    icodes, ifound = df.codes("item")
+    bcodes, bfound = df.codes("behavior")
+    for col, codes, found in (("user", ucodes, ufound), ("item", icodes, ifound)):
+        empty = found[codes] == "" if (found == "").any() else None
+        if empty is not None:
             k = int(np.flatnonzero(empty)[0])
             raise DataError(f"empty {col} id", path=table, line=_line(table, offset, k), value="")
-    bcodes = pd.Index(behaviors).get_indexer(beh)
-    if (bcodes < 0).any():
-        k = int(np.flatnonzero(bcodes < 0)[0])
-        bad = sorted(set(beh[bcodes < 0].tolist()))
+    bmap = pd.Index(behaviors).get_indexer(bfound)
+    if (bmap < 0).any():
+        bad = sorted(bfound[bmap < 0].tolist())
+        k = int(np.flatnonzero(bmap[bcodes] < 0)[0])
         raise DataError(
-            f"behavior(s) {bad} not declared in dataset.yaml {behaviors}{suggest(beh[k], behaviors)}",
-            path=table, line=_line(table, offset, k), value=str(beh[k]),
+            f"behavior(s) {bad} not declared in dataset.yaml {behaviors}{suggest(bad[0], behaviors)}",
+            path=table, line=_line(table, offset, k), value=str(bfound[bcodes[k]]),
         )
+    bcodes = bmap[bcodes]
     has_split = "split" in df.columns
     if has_split:
-        split = df["split"].astype(str).str.strip().to_numpy()
-        scodes = pd.Index(list(SPLITS)).get_indexer(split)
+        scodes, sfound = df.codes("split")
+        smap = pd.Index(list(SPLITS)).get_indexer(sfound)
+        scodes = smap[scodes]
         if (scodes < 0).any():
             k = int(np.flatnonzero(scodes < 0)[0])
-            raise DataError(f"split must be one of {list(SPLITS)}{suggest(split[k], SPLITS)}",
-                            path=table, line=_line(table, offset, k), value=str(split[k]))
+            v = str(df.series("split").iloc[k]).strip()
+            raise DataError(f"split must be one of {list(SPLITS)}{suggest(v, SPLITS)}",
+                            path=table, line=_line(table, offset, k), value=v)
     else:
         scodes = np.zeros(n_rows, dtype=np.int64)
     ts = None
     if "timestamp" in df.columns:
-        raw_ts = df["timestamp"]
+        raw_ts = df.series("timestamp")
         num = pd.to_numeric(raw_ts, errors="coerce")
         if num.isna().any():
             dt = pd.to_datetime(raw_ts, errors="coerce", utc=True)
@@ -207,40 +275,41 @@ def load(path: Path, *, name: str, seed: int = 0, **options: Any) -> MultiBehavi
     universes = {}
     for key in ("users", "items"):
         universes[key] = _read_ids(path, meta[key], ypath) if key in meta else None
-    ucodes, user_ids = _index(user, universes["users"])
-    icodes, item_ids = _index(item, universes["items"])
-    for col, codes, vals in (("user", ucodes, user), ("item", icodes, item)):
+    umap, user_ids = _index(ufound, universes["users"])
+    imap, item_ids = _index(ifound, universes["items"])
+    ucodes, icodes = umap[ucodes], imap[icodes]
+    for col, codes, found, cmap in (("user", ucodes, ufound, umap), ("item", icodes, ifound, imap)):
         if (codes < 0).any():
             k = int(np.flatnonzero(codes < 0)[0])
             raise DataError(f"{col} id not in the {col}s file named in dataset.yaml",
-                            path=table, line=_line(table, offset, k), value=str(vals[k]))
+                            path=table, line=_line(table, offset, k),
+                            value=str(found[np.flatnonzero(cmap < 0)[0]]))
     for key, n in (("n_users", len(user_ids)), ("n_items", len(item_ids))):
         if key in meta and int(meta[key]) != n:
             raise DataError(f"dataset.yaml declares {key}: {meta[key]} but the file has {n:,}",
                             path=ypath, value=meta[key])
     if has_split and universes["users"] is None:
-        _check_heldout_known(table, offset, scodes, ucodes, "user", user)
+        _check_heldout_known(table, offset, scodes, ucodes, "user", user_ids)
     if has_split and universes["items"] is None:
-        _check_heldout_known(table, offset, scodes, icodes, "item", item)
+        _check_heldout_known(table, offset, scodes, icodes, "item", item_ids)
 
     # Duplicates collapse to the earliest row of each (user, item, behavior, split).
-    frame = pd.DataFrame({"u": ucodes, "i": icodes, "b": bcodes, "s": scodes})
-    if ts is not None:
-        frame["t"] = ts
-        frame = frame.sort_values("t", kind="stable")
-    frame = frame.drop_duplicates(["u", "i", "b", "s"], keep="first")
     n_users, n_items = len(user_ids), len(item_ids)
-    tcode = len(behaviors) - 1
+    nb = len(behaviors)
+    order = np.argsort(ts, kind="stable") if ts is not None else np.arange(n_rows)
+    key = ((ucodes[order].astype(np.int64) * n_items + icodes[order]) * nb + bcodes[order]) * 3
+    key += scodes[order]
+    _, first = np.unique(key, return_index=True)
+    rows = order[np.sort(first)]
+    fu, fi = ucodes[rows].astype(np.int64), icodes[rows].astype(np.int64)
+    fb, fs = bcodes[rows].astype(np.int64), scodes[rows].astype(np.int64).copy()
+    tcode = nb - 1
     if not has_split:
-        tgt = frame[frame.b == tcode]
+        tsel = np.flatnonzero(fb == tcode)
         rng = np.random.default_rng(seed)
-        is_valid, is_test = leave_one_out(
-            tgt.u.to_numpy(), rng, None if ts is None else tgt.t.to_numpy()
-        )
-        s = np.zeros(len(tgt), dtype=np.int64)
-        s[is_valid] = 1
-        s[is_test] = 2
-        frame.loc[tgt.index, "s"] = s
+        is_valid, is_test = leave_one_out(fu[tsel], rng, None if ts is None else ts[rows][tsel])
+        fs[tsel[is_valid]] = 1
+        fs[tsel[is_test]] = 2
         how = "latest by timestamp" if ts is not None else f"random (seed {seed})"
         notes.append(
             f"No split column: leave-one-out split of {target!r}, {how}: test for users with "
@@ -248,7 +317,6 @@ def load(path: Path, *, name: str, seed: int = 0, **options: Any) -> MultiBehavi
             f"({int(is_valid.sum()):,})."
         )
     mats: dict[str, dict[str, Any]] = {s: {} for s in SPLITS}
-    fu, fi, fb, fs = (frame[c].to_numpy() for c in ("u", "i", "b", "s"))
     for k, b in enumerate(behaviors):
         for j, s in enumerate(SPLITS):
             sel = (fb == k) & (fs == j)
