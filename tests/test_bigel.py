@@ -58,7 +58,10 @@ def test_gate_and_projection_shapes(tiny: MultiBehaviorData) -> None:
     assert model.cgf_gates["view"].linear.weight.shape == (8, 8)
 
 
-@pytest.mark.parametrize("kw", [{}, {"gate_input": "aux_target", "cgf_source": "chain"}, {"cpa_negatives": "full", "reg_scope": "all"}])
+@pytest.mark.parametrize(
+    "kw",
+    [{}, {"gate_input": "aux_target", "cgf_source": "chain", "cpa_batch": "all"}, {"cpa_negatives": "full", "reg_scope": "all", "cpa_batch": "target_rows"}],
+)
 def test_every_parameter_gets_gradient(tiny: MultiBehaviorData, kw: dict) -> None:
     model, graphs, batch = make(tiny, **kw)
     terms = model.loss(graphs, batch)

@@ -29,9 +29,10 @@ Options for the §9.7 ambiguities (default first):
 * ``global_graph`` "binary" | "multiplicity": union of all training edges, or edges weighted by how
   many behaviors hold the pair; ``global_layers`` L_g = 2.
 * ``cpa_negatives`` "in_batch" | "full": InfoNCE negatives are the other batch users (items) or
-  all users (items). ``cpa_batch`` "unique" | "target_rows": the batch is the distinct users and
-  items (positives and negatives) of all behaviors' triplets, or the target triplets' users and
-  positive items (duplicates kept).
+  all users (items). ``cpa_batch`` "target" | "all" | "target_rows": the batch is the distinct
+  users and positive items of the target triplets, or the distinct users and items (positives and
+  negatives) of every behavior's triplets (~4x the rows, ~16x the cost of in-batch logits), or the
+  target triplets' users and positive items with duplicates kept.
 * ``task_weights`` None (all 1) | {behavior: w}; ``cpa_weight`` lambda = 0.01; ``tau`` = 0.2;
   ``reg`` beta = 1e-4 with ``reg_scope`` "batch" (LightGCN form: beta/2 * squared norms of the
   batch's ego embeddings / batch, per behavior) | "all" (beta * ||Theta||^2, Eq. 14 literally);
@@ -70,7 +71,7 @@ _CHOICES = {
     "residual": ("output", "handover", "none"),
     "global_graph": ("binary", "multiplicity"),
     "cpa_negatives": ("in_batch", "full"),
-    "cpa_batch": ("unique", "target_rows"),
+    "cpa_batch": ("target", "all", "target_rows"),
     "reg_scope": ("batch", "all"),
     "epoch_size": ("target", "largest"),
     "negatives": ("behavior", "union"),
@@ -95,7 +96,7 @@ class BiGELConfig(ModelConfig):
     global_graph: str = "binary"
     global_layers: int = 2
     cpa_negatives: str = "in_batch"
-    cpa_batch: str = "unique"
+    cpa_batch: str = "target"
     cpa_weight: float = 0.01
     tau: float = 0.2
     reg: float = 1e-4
@@ -171,8 +172,12 @@ class BiGELSampler:
         self.batch_size = batch_size
         self.per_epoch = ref  # triplets per behavior per epoch
 
-    def __len__(self) -> int:
+    @property
+    def n_batches(self) -> int:
         return -(-self.per_epoch // self.batch_size)
+
+    def __len__(self) -> int:
+        return self.n_batches
 
     def epoch(self, rng: np.random.Generator) -> Iterator[Batch]:
         n = self.per_epoch
@@ -348,7 +353,9 @@ class BiGEL(Model):
         terms["reg"] = c.reg * reg
         total = total + terms["reg"]
         if c.use_cpa:
-            if c.cpa_batch == "unique":
+            if c.cpa_batch == "target":
+                users, items = torch.unique(U[-1]), torch.unique(P[-1])
+            elif c.cpa_batch == "all":
                 users, items = torch.unique(U), torch.unique(torch.cat([P.reshape(-1), N.reshape(-1)]))
             else:
                 users, items = U[-1], P[-1]
