@@ -155,3 +155,18 @@ def test_xavier_uniform_init_bound(tiny) -> None:
     bound = math.sqrt(6 / (tiny.n_users + 8))
     assert model.user_emb.abs().max().item() <= bound
     assert model.user_emb.abs().max().item() > 0.5 * bound
+
+
+@pytest.mark.parametrize("name", ["crgcn-beibei", "hkuds-beibei", "mule-taobao", "bvae-jd", "synthetic"])
+def test_configs_resolve(name: str) -> None:
+    from pathlib import Path
+
+    from mbrec.config import build_config
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "crgcn" / f"{name}.yaml"
+    cfg = build_config(config_file=path)
+    assert cfg.model == "crgcn" and cfg.data == name
+    assert cfg.train.lr == 0.01 and cfg.train.patience == 20
+    assert cfg.model_args.reg_weight == 1e-3 and cfg.model_args.batch_size == 1024
+    if name == "crgcn-beibei":
+        assert cfg.protocol.name == "rmbrec" and cfg.protocol.select_metric == "HR@20"

@@ -165,3 +165,19 @@ def test_scores_target_only(tiny) -> None:
     assert model.score(emb, torch.arange(3), "buy").shape == (3, tiny.n_items)
     with pytest.raises(Exception, match="does not predict"):
         model.score(emb, torch.arange(3), "view")
+
+
+@pytest.mark.parametrize("name", ["crgcn-beibei", "hkuds-beibei", "mule-taobao", "bvae-jd", "synthetic"])
+def test_configs_resolve(name: str) -> None:
+    from pathlib import Path
+
+    from mbrec.config import build_config
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "mbcgcn" / f"{name}.yaml"
+    cfg = build_config(config_file=path)
+    assert cfg.model == "mbcgcn" and cfg.data == name
+    assert cfg.train.lr == 1e-3 and cfg.train.eval_every == 5
+    assert cfg.model_args.reg_weight == 1e-4 and cfg.model_args.batch_size == 2048
+    expected = {"crgcn-beibei": (3, 4, 3), "hkuds-beibei": (3, 4, 3), "mule-taobao": (2, 4, 3)}
+    if name in expected:
+        assert tuple(cfg.model_args.layers) == expected[name]
