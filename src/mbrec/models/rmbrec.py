@@ -208,6 +208,9 @@ class RMBRec(Model):
         self.user_emb = nn.Parameter(torch.randn(self.n_u, d) * config.init_std)
         self.item_emb = nn.Parameter(torch.randn(self.n_i, d) * config.init_std)
         self.irm_w = nn.Parameter(torch.ones(())) if config.orm == "irm_v1_paper" else None
+        #: fused normalise-and-propagate layers (same values and gradients; not twice
+        #: differentiable, so off for ``irm_v2_code``, which differentiates gradients)
+        self.fused_layers = config.orm != "irm_v2_code"
 
     # -- graphs and sampling ----------------------------------------------------------------
     def build_graphs(self, data: MultiBehaviorData, device: torch.device) -> list[SparseGraph]:
@@ -230,7 +233,7 @@ class RMBRec(Model):
         """Per-behavior node embeddings ``[n_u + n_i, d]`` from the shared tables, one per graph."""
         ego = torch.cat([self.user_emb, self.item_emb], 0)
         official = self.cfg.encoder == "official"
-        fused = official and self.cfg.orm != "irm_v2_code" and ego.requires_grad
+        fused = official and self.fused_layers and ego.requires_grad
         outs = []
         for g in graphs:
             x, acc = ego, ego
