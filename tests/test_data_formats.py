@@ -210,3 +210,31 @@ def test_detect_layout_lists_files(tmp_path: Path) -> None:
     (tmp_path / "notes.md").write_text("hi")
     with pytest.raises(DataError, match=r"no known dataset layout.*notes\.md"):
         detect_layout(tmp_path)
+
+
+def test_generic_without_pyarrow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from mbrec.data.formats import generic
+
+    csv = "user,item,behavior,split\n1,a,view,train\n1,b,buy,train\n2,a,buy,train\n2,b,buy,test\n"
+    d = generic_dir(tmp_path, csv, "behaviors: [view, buy]\n")
+    fast = load_dataset(d)
+    monkeypatch.setattr(generic, "USE_PYARROW_CSV", False)
+    slow = load_dataset(d)
+    assert fast.counts() == slow.counts() and list(fast.item_ids) == list(slow.item_ids)
+    (d / "interactions.csv").rename(d / "interactions.parquet")
+    monkeypatch.setitem(sys.modules, "pyarrow", None)
+    with pytest.raises(DataError, match="needs pyarrow"):
+        load_dataset(d)
+
+
+def test_generic_empty_id_and_dates(tmp_path: Path) -> None:
+    csv = "user,item,behavior,timestamp\n1,a,buy,2024-01-02\n1,b,buy,2024-01-01\n1,c,buy,2024-01-03\n"
+    data = load_dataset(generic_dir(tmp_path, csv, "behaviors: [buy]\n"))
+    assert pairs(data.test["buy"]) == {(0, data.item_index("c"))}
+    assert pairs(data.valid["buy"]) == {(0, data.item_index("a"))}
+    bad = generic_dir(tmp_path, "user,item,behavior\n1,a,buy\n,b,buy\n", "behaviors: [buy]\n", "e")
+    with pytest.raises(DataError, match="empty user id") as e:
+        load_dataset(bad)
+    assert e.value.line == 3

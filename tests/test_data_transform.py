@@ -99,3 +99,10 @@ def test_convert_refuses_and_writes_nothing_on_failure(
     monkeypatch.undo()
     write_generic(tiny, out, overwrite=True)
     assert not (out / "keep.txt").exists() and (out / "interactions.csv").exists()
+
+
+def test_convert_refuses_behavior_without_pairs(tmp_path: Path, tiny: MultiBehaviorData) -> None:
+    gone = perturb_auxiliary(tiny, -1.0, seed=0, behaviors=["cart"])
+    with pytest.raises(DataError, match="no pairs"):
+        write_generic(gone, tmp_path / "g")
+    assert not (tmp_path / "g").exists()

@@ -28,6 +28,12 @@ def write_generic(data: MultiBehaviorData, out_dir: str | Path, *, overwrite: bo
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise DataError("output directory is not empty (use --overwrite, or overwrite=True, to replace it)",
                         path=out)
+    for b in data.behaviors:
+        if not any(data.split(s)[b].nnz for s in SPLITS):
+            raise DataError(
+                f"behavior {b!r} has no pairs in any split, which the generic format cannot "
+                "represent; drop it first (data.select_behaviors / option behaviors)"
+            )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:

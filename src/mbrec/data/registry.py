@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from mbrec.data.container import MultiBehaviorData
 from mbrec.data.formats import crgcn_text, generic, pickles, split_files
@@ -89,7 +89,6 @@ def _resolve(spec: str | Path) -> Path:
 def load_dataset(spec: str | Path, *, seed: int = 0, **options: Any) -> MultiBehaviorData:
     """Load ``spec`` into a validated :class:`MultiBehaviorData` (see the module docstring)."""
     common = {k: options.pop(k) for k in COMMON_OPTIONS if k in options}
-    loader: Callable[..., MultiBehaviorData]
     if isinstance(spec, str) and spec in builtin_names():
         from mbrec.data.synthetic import load_builtin
 

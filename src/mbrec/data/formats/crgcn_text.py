@@ -79,8 +79,8 @@ def load(path: Path, *, name: str, seed: int = 0, **options: Any) -> MultiBehavi
         tfile = "train.txt"
         if f"{target}.txt" in files:
             notes.append(
-                f"Training {target} pairs read from train.txt; {target}.txt is not added "
-                "(it holds train plus validation pairs in this lineage)."
+                f"Training {target} pairs read from train.txt; {target}.txt is not read "
+                "(in this lineage it repeats train.txt, plus the validation pairs in CRGCN's Beibei)."
             )
     else:
         tfile = f"{target}.txt"

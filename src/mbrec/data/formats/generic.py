@@ -36,6 +36,8 @@ OPTIONAL = ("timestamp", "split")
 YAML_KEYS = ("behaviors", "target", "name", "description", "n_users", "n_items", "users", "items")
 OPTIONS: tuple[str, ...] = ()
 SPLITS = ("train", "valid", "test")
+#: read CSV/TSV with pyarrow when it is installed (about 3x faster than pandas' C reader)
+USE_PYARROW_CSV = True
 
 
 def matches(files: set[str]) -> bool:
@@ -91,7 +93,7 @@ class _Table:
                 self._arrow = pq.read_table(path)
             except Exception as e:  # noqa: BLE001
                 raise DataError(f"unreadable parquet file ({e})", path=path) from None
-        elif pa is not None:
+        elif pa is not None and USE_PYARROW_CSV:
             try:
                 with open(path, encoding="utf-8", errors="replace") as fh:
                     first = fh.readline().rstrip("\r\n")
