@@ -221,6 +221,28 @@ def test_fused_layer_gradient_equals_autograd_through_normalize() -> None:
     assert not RMBRec(small_data(), RMBRecConfig(orm="irm_v2_code")).fused_layers
 
 
+def test_cpu_fast_path_equals_torch_path() -> None:
+    """SciPy kernels + last layer on the batch rows only == torch CSR on every row."""
+    from mbrec.models.rmbrec import BehaviorGraph
+
+    out = []
+    for fast in (True, False):
+        m, g = make()
+        if not fast:
+            g = [BehaviorGraph(x.sparse, None) for x in g]
+        terms = values(m.loss(g, batch()))
+        m.loss(g, batch())["loss"].backward()
+        with torch.no_grad():
+            z = m(g)
+        out.append((terms, m.user_emb.grad, m.item_emb.grad, z))
+    (a, *ga), (b, *gb) = out
+    for k in a:
+        assert a[k] == pytest.approx(b[k], rel=1e-5), k
+    for x, y in zip(ga[:2], gb[:2]):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(ga[2][0], gb[2][0])
+
+
 # ----------------------------------------------------------------------------- loss pieces
 def test_bpr_row_values_by_hand() -> None:
     # padding row: equal scores -> -log(1e-10 + 1/2) = log 2, zero gradient through pos - neg

@@ -102,25 +102,6 @@ class UserTripletSampler:
             yield {"triplets": trip, "valid": valid}
 
 
-def _csr_int32(A: sp.csr_matrix, device: torch.device | str) -> torch.Tensor:
-    """CSR tensor with int32 indices: MKL's sparse kernels take 32-bit indices, so int64 ones
-    are converted on every product (two extra copies of the index arrays per call)."""
-    if A.nnz >= 2**31 - 1:
-        return to_device(A, device, symmetric=True).mat
-    A = sp.csr_matrix(A, dtype=np.float32)
-    A.sort_indices()
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        return torch.sparse_csr_tensor(
-            torch.from_numpy(A.indptr.astype(np.int32)),
-            torch.from_numpy(A.indices.astype(np.int32)),
-            torch.from_numpy(A.data.astype(np.float32)),
-            size=A.shape,
-            device=device,
-            check_invariants=False,
-        )
-
-
 def bpr_rows(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
     """Per-row ``-log(1e-10 + sigmoid(pos - neg))`` (the official BPRLoss before its mean)."""
     return -torch.log(BPR_EPS + torch.sigmoid(pos - neg))
@@ -132,18 +113,36 @@ def bpr_dw(x: torch.Tensor, w: torch.Tensor | float) -> torch.Tensor:
     return -s * (1.0 - s) * x / (BPR_EPS + s)
 
 
+@dataclass(frozen=True)
+class BehaviorGraph:
+    """One behavior's normalised adjacency ``[N, N]`` (symmetric): ``sparse`` for
+    :func:`mbrec.graph.spmm` on any device and, on CPU, ``csr`` (SciPy) for the fused layers,
+    whose row slices and transposed products need no conversion (on CPU SciPy's kernels take
+    less time than torch's CSR product, and ``A[S].T @ g`` is cheap, which torch's CSC path is not)."""
+
+    sparse: SparseGraph
+    csr: sp.csr_matrix | None
+
+
+def _matmul(A: sp.spmatrix | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    if isinstance(A, torch.Tensor):
+        return torch.sparse.mm(A, x)
+    return torch.from_numpy(np.ascontiguousarray(A @ x.detach().contiguous().numpy()))
+
+
 class _NormalizedPropagation(torch.autograd.Function):
     """One official encoder layer, ``y = rownorm(A x)``, with a fused backward
-    ``dx = A^T [(dy - y (y . dy)) / |A x|]`` (fewer passes over the node matrix than autograd
-    through ``F.normalize``). Not twice differentiable; ``irm_v2_code`` uses the plain path."""
+    ``dx = A^T [(dy - y (y . dy)) / |A x|]``. ``A`` may be a row slice ``A[S]`` (then ``y`` holds
+    only rows ``S``) and is a torch sparse tensor or a SciPy matrix. Not twice differentiable;
+    ``irm_v2_code`` uses the plain :func:`spmm` + ``F.normalize`` path."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, mat: torch.Tensor, mat_t: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        h = torch.sparse.mm(mat, x)
+    def forward(ctx, x: torch.Tensor, A: object, A_t: object) -> torch.Tensor:  # type: ignore[override]
+        h = _matmul(A, x)  # type: ignore[arg-type]
         n = torch.linalg.vector_norm(h, dim=1, keepdim=True).clamp_min_(1e-12)
         y = h.div_(n)
         ctx.save_for_backward(y, n)
-        ctx.mat_t = mat_t
+        ctx.A_t = A_t
         return y
 
     @staticmethod
@@ -151,7 +150,7 @@ class _NormalizedPropagation(torch.autograd.Function):
         y, n = ctx.saved_tensors
         gh = gy - y * (y * gy).sum(1, keepdim=True)
         gh.div_(n)
-        return torch.sparse.mm(ctx.mat_t, gh), None, None
+        return _matmul(ctx.A_t, gh), None, None
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor | None, dim: int = -1) -> torch.Tensor:
@@ -213,15 +212,16 @@ class RMBRec(Model):
         self.fused_layers = config.orm != "irm_v2_code"
 
     # -- graphs and sampling ----------------------------------------------------------------
-    def build_graphs(self, data: MultiBehaviorData, device: torch.device) -> list[SparseGraph]:
+    def build_graphs(self, data: MultiBehaviorData, device: torch.device) -> list[BehaviorGraph]:
         graphs = []
         for b in self.behaviors:
             R = sp.csr_matrix(data.train[b])
-            if self.pad:
+            if self.pad:  # one more (empty) user row and item column
                 R = sp.csr_matrix((R.data, R.indices, np.append(R.indptr, R.indptr[-1])), shape=(self.n_u, self.n_i))
             A = normalize_sym(bipartite(R), degree_eps=self.cfg.degree_eps)
-            mat = _csr_int32(A, device)  # symmetric: the transpose is the same tensor
-            graphs.append(SparseGraph(mat, mat))
+            A.sort_indices()
+            on_cpu = torch.device(device).type == "cpu"
+            graphs.append(BehaviorGraph(to_device(A, device, symmetric=True), A if on_cpu else None))
         return graphs
 
     def make_sampler(self, data: MultiBehaviorData) -> UserTripletSampler:
@@ -229,26 +229,40 @@ class RMBRec(Model):
         return UserTripletSampler(mats, data.train_union(self.behaviors), self.cfg.batch_size)
 
     # -- encoder ----------------------------------------------------------------------------
-    def propagate(self, graphs: list[SparseGraph]) -> list[torch.Tensor]:
-        """Per-behavior node embeddings ``[n_u + n_i, d]`` from the shared tables, one per graph."""
+    def propagate(self, graphs: list[BehaviorGraph], rows: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Per-behavior node embeddings from the shared tables, one tensor per graph: all
+        ``n_u + n_i`` rows, or only ``rows`` (then the last layer is computed for those rows
+        only: same values, less work)."""
         ego = torch.cat([self.user_emb, self.item_emb], 0)
-        official = self.cfg.encoder == "official"
-        fused = official and self.fused_layers and ego.requires_grad
+        L = self.cfg.n_layers
+        if self.cfg.encoder == "lightgcn" or not self.fused_layers:  # plain autograd path
+            outs = []
+            for g in graphs:
+                x, acc = ego, ego
+                for _ in range(L):
+                    x = spmm(g.sparse, x)
+                    if self.cfg.encoder == "official":
+                        x = F.normalize(x, dim=1)
+                    acc = acc + x
+                out = acc if self.cfg.encoder == "official" else acc / (L + 1)
+                outs.append(out if rows is None else out[rows])
+            return outs
         outs = []
         for g in graphs:
-            x, acc = ego, ego
-            for _ in range(self.cfg.n_layers):
-                if fused:
-                    x = _NormalizedPropagation.apply(x, g.mat, g.mat_t)
-                else:
-                    x = spmm(g, x)
-                    if official:
-                        x = F.normalize(x, dim=1)
-                acc = acc + x
-            outs.append(acc if official else acc / (self.cfg.n_layers + 1))
+            A = g.csr if g.csr is not None and ego.device.type == "cpu" else None
+            mats = (A, A) if A is not None else (g.sparse.mat, g.sparse.mat_t)
+            x, acc = ego, (ego if rows is None else ego[rows])
+            for layer in range(L):
+                if rows is not None and A is not None and layer == L - 1:
+                    As = A[rows.numpy()]  # only the rows the loss reads
+                    acc = acc + _NormalizedPropagation.apply(x, As, As.T)
+                    break
+                x = _NormalizedPropagation.apply(x, *mats)
+                acc = acc + (x if rows is None else x[rows])
+            outs.append(acc)
         return outs
 
-    def forward(self, graphs: list[SparseGraph]) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+    def forward(self, graphs: list[BehaviorGraph]) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
         """Fused ``(z_users [n_u, d], z_items [n_i, d])`` (padding rows included, last)."""
         z = torch.stack(self.propagate(graphs)).mean(0)
         return z[: self.n_u], z[self.n_u :]
@@ -272,11 +286,14 @@ class RMBRec(Model):
             return u, i + self.n_u, j + self.n_u, None
         return u, i + self.n_u, j + self.n_u, mask
 
-    def loss(self, graphs: list[SparseGraph], batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def loss(self, graphs: list[BehaviorGraph], batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         cfg = self.cfg
-        H = self.propagate(graphs)  # one propagation per behavior, shared by every term
         u, i, j, mask = self._index(batch)
         n_b, bsz = u.shape
+        # one propagation per behavior, shared by every term, computed for the rows read below
+        rows, pos_in_rows = torch.unique(torch.stack([u, i, j]), return_inverse=True)
+        H = self.propagate(graphs, rows)
+        u, i, j = pos_in_rows.unbind(0)
         risks, diffs, reg = [], [], torch.zeros((), device=H[0].device)
         for k, h in enumerate(H):  # per-behavior BPR risks (they enter through ORM only) and reg
             pu, qi, qj = h[u[k]], h[i[k]], h[j[k]]

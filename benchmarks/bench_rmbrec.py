@@ -1,0 +1,78 @@
+"""RMBRec training-epoch time on crgcn-beibei at the official settings (median of N epochs).
+
+    python benchmarks/bench_rmbrec.py [--epochs 5] [--threads 2] [--torch-kernel] [--data crgcn-beibei]
+
+Official settings: configs/rmbrec/crgcn-beibei.yaml (batch 1024 users, 3 layers, 3 behaviors,
+lambda_cl 0.8, REx). An epoch is what the trainer times: sampling, loss, backward and the Adam
+step for every batch (no evaluation). Prints wall time and process CPU time per epoch (on a
+shared machine the CPU time is the steadier number) and the load average, then one Markdown row.
+``--torch-kernel`` runs the fused layers on torch's CSR product instead of SciPy's (CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mbrec.config import build_config
+from mbrec.data.registry import load_dataset
+from mbrec.models.rmbrec import BehaviorGraph
+from mbrec.train import build_model, set_seed
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "rmbrec" / "crgcn-beibei.yaml"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default="crgcn-beibei")
+    ap.add_argument("--epochs", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--torch-kernel", action="store_true")
+    ap.add_argument("--set", nargs="*", default=[], help="config overrides, e.g. model_args.orm=irm_v1_code")
+    a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    cfg = build_config("rmbrec", a.data, config_file=CONFIG, overrides=a.set)
+    data = load_dataset(a.data, seed=cfg.seed, **cfg.data_options)
+    set_seed(cfg.seed)
+    device = torch.device("cpu")
+    model = build_model(cfg, data, device)
+    graphs = model.build_graphs(data, device)
+    if a.torch_kernel:
+        graphs = [BehaviorGraph(g.sparse, None) for g in graphs]
+    sampler = model.make_sampler(data)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    rng = np.random.default_rng(cfg.seed)
+    walls, cpus, losses = [], [], []
+    load0 = os.getloadavg()[0]
+    for epoch in range(1, a.epochs + 1):
+        w, c = time.perf_counter(), time.process_time()
+        total, n = 0.0, 0
+        for batch in sampler.epoch(rng):
+            terms = model.loss(graphs, {k: torch.as_tensor(v) for k, v in batch.items()})
+            opt.zero_grad(set_to_none=True)
+            terms["loss"].backward()
+            opt.step()
+            total += float(terms["loss"].detach())
+            n += 1
+        walls.append(time.perf_counter() - w)
+        cpus.append(time.process_time() - c)
+        losses.append(total / n)
+        print(f"epoch {epoch}: {walls[-1]:.1f} s wall, {cpus[-1]:.1f} s CPU, loss {losses[-1]:.4f}, "
+              f"load {os.getloadavg()[0]:.1f}", flush=True)
+    kernel = "torch CSR" if a.torch_kernel else "SciPy CSR (CPU fast path)"
+    print(
+        f"| rmbrec | {a.data} | {kernel} | threads {torch.get_num_threads()} | {len(walls)} epochs | "
+        f"median {statistics.median(walls):.1f} s wall | median {statistics.median(cpus):.1f} s CPU | "
+        f"load avg {load0:.1f} -> {os.getloadavg()[0]:.1f} |"
+    )
+
+
+if __name__ == "__main__":
+    main()
