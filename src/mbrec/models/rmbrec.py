@@ -35,11 +35,15 @@ Options (official-code behavior is the default; paper forms are opt-in):
 
 Regularisation as coded: ``reg * sum_b 1/2(|p_u|^2 + |q_i|^2 + |q_j|^2) / batch`` on the
 *propagated* per-behavior rows, plus the trainer's Adam weight decay (1e-3) on every parameter.
+
+Speed (same values as the plain path, tested): the official layer ``rownorm(A x)`` is one
+autograd function with a fused backward; on CPU its products use SciPy's CSR kernels, and the
+last layer is computed only for the rows the batch reads (``A[S] x`` forward, ``A[S]^T g``
+backward), which removes most of one layer's work per behavior and step.
 """
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 from typing import Iterator, Mapping
 
