@@ -424,7 +424,7 @@ def test_sampler_one_triplet_per_user_and_behavior(tiny: MultiBehaviorData) -> N
     m = RMBRec(tiny, RMBRecConfig(batch_size=5))
     s = m.make_sampler(tiny)
     batches = list(s.epoch(np.random.default_rng(0)))
-    assert [len(b["triplets"]) for b in batches] == [5, 5, 2]
+    assert [len(b["triplets"]) for b in batches] == [5, 5, 2] and s.n_batches == 3
     trip = np.concatenate([b["triplets"] for b in batches])
     valid = np.concatenate([b["valid"] for b in batches])
     assert sorted(trip[:, 0, 0]) == list(range(tiny.n_users))

@@ -100,6 +100,10 @@ class UserTripletSampler:
         self.batch_size = batch_size
         self.n_users = self.matrices[0].shape[0]
 
+    @property
+    def n_batches(self) -> int:
+        return -(-self.n_users // self.batch_size)
+
     def epoch(self, rng: np.random.Generator) -> Iterator[dict[str, np.ndarray]]:
         for users in user_batches(self.n_users, self.batch_size, rng):
             trip, valid = per_user_triplets(self.matrices, users, self.exclude, rng)
