@@ -447,3 +447,25 @@ def test_score_shape_and_registration(tiny: MultiBehaviorData) -> None:
     assert emb[0].shape[0] == tiny.n_users + 1  # ... but the padding user row exists (faithful)
     assert m.scored_behaviors == ("buy",)
     assert RMBRec.train_defaults == {"lr": 1e-3, "weight_decay": 1e-3, "epochs": 200, "patience": 20}
+
+
+@pytest.mark.realdata
+def test_beibei_batch_fast_path_equals_torch_path(shared_datasets) -> None:  # type: ignore[no-untyped-def]
+    """On the real graphs: every user has every behavior (no padding rows on Beibei), and the
+    CPU fast path (row-restricted last layer, SciPy) gives the torch path's loss terms
+    (view dropped to keep the test short)."""
+    from mbrec.data.registry import load_dataset
+    from mbrec.models.rmbrec import BehaviorGraph
+
+    data = load_dataset(shared_datasets / "crgcn-beibei")
+    torch.manual_seed(0)
+    m = RMBRec(data, RMBRecConfig(lambda_cl=0.8, batch_size=256, drop_behaviors=["view"]))
+    g = m.build_graphs(data, torch.device("cpu"))
+    raw = next(m.make_sampler(data).epoch(np.random.default_rng(0)))
+    assert raw["valid"].all()
+    b = {k: torch.as_tensor(v) for k, v in raw.items()}
+    with torch.no_grad():
+        fast = values(m.loss(g, b))
+        slow = values(m.loss([BehaviorGraph(x.sparse, None) for x in g], b))
+    for k in fast:
+        assert fast[k] == pytest.approx(slow[k], rel=1e-5), k
