@@ -177,12 +177,15 @@ class COPF(Model):
             inp = h if self.spec["pre"] == "strict" else h + inp
         return outs
 
-    def fitting_experts(self, graphs: Mapping[str, list[SparseGraph]], e: list[torch.Tensor]) -> dict[tuple[int, int], torch.Tensor]:
-        """``O^{k<-j}`` over all nodes for every task k and other behavior j (``[U+I, d]``).
-        The K-1 experts of one task share task k's graph: one spmm per layer on ``[N, (K-1) d]``."""
+    def fitting_experts(
+        self, graphs: Mapping[str, list[SparseGraph]], e: list[torch.Tensor], tasks: list[int] | None = None
+    ) -> dict[tuple[int, int], torch.Tensor]:
+        """``O^{k<-j}`` over all nodes for each task k (default: all) and other behavior j
+        (``[U+I, d]``). The K-1 experts of one task share task k's graph: one spmm per layer on
+        ``[N, (K-1) d]``."""
         c, K, d = self.config, self.K, self.config.embedding_dim
         out: dict[tuple[int, int], torch.Tensor] = {}
-        for k in range(K):
+        for k in range(K) if tasks is None else tasks:
             others = [j for j in range(K) if j != k]
             f = torch.cat([0.5 * (c.alpha * e[j] + c.beta * e[k]) for j in others], 1)  # [N, (K-1)d]
             r, total = self.beh_emb[k], f
@@ -195,9 +198,11 @@ class COPF(Model):
                 out[(k, j)] = c.fit_scale * total[:, n * d : (n + 1) * d]
         return out
 
-    def forward(self, graphs: Mapping[str, list[SparseGraph]]) -> dict[str, Any]:  # type: ignore[override]
+    def forward(self, graphs: Mapping[str, list[SparseGraph]], tasks: list[int] | None = None) -> dict[str, Any]:  # type: ignore[override]
+        """``e``: behavior outputs; ``fit``: fitting experts of ``tasks`` (default all; training
+        asks only for tasks with lambda_k > 0, the others' experts reach no loss term)."""
         e = self.encode(graphs)
-        fit = self.fitting_experts(graphs, e) if self.spec["head"] == "dfme" and self.spec["fitting"] else {}
+        fit = self.fitting_experts(graphs, e, tasks) if self.spec["head"] == "dfme" and self.spec["fitting"] else {}
         return {"e": e, "fit": fit}
 
     def _experts(self, emb: dict[str, Any], k: int, train: bool) -> list[torch.Tensor]:
@@ -243,7 +248,7 @@ class COPF(Model):
         return c.gamma * total / U
 
     def loss(self, graphs: Any, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        emb = self(graphs)
+        emb = self(graphs, [k for k in range(self.K) if self.lam[k] != 0.0])
         out: dict[str, torch.Tensor] = {}
         bpr = emb["e"][0].new_zeros(())
         for k, b in enumerate(self.behaviors):
