@@ -269,3 +269,17 @@ def test_a_few_steps_reduce_the_loss(tiny: MultiBehaviorData) -> None:
         model.loss(graphs, fixed)["loss"].backward()
         opt.step()
     assert model.loss(graphs, fixed)["loss"].item() < first
+
+
+@pytest.mark.realdata
+def test_bvae_jd_cascade_and_epoch(shared_datasets) -> None:  # type: ignore[no-untyped-def]
+    from mbrec.data.registry import load_dataset
+
+    data = load_dataset(str(shared_datasets / "bvae-jd"))
+    model = BiGEL(data, BiGELConfig())
+    assert model.order == ("click", "favourite", "purchase") and model.layers == (1, 2, 3)
+    sampler = model.make_sampler(data)
+    assert sampler.per_epoch == 60_967 and len(sampler) == 30  # one pass over the purchase pairs
+    graphs = model.build_graphs(data, DEV)
+    assert graphs["global"].shape == (10_690 + 13_465,) * 2
+    assert graphs["global"].mat.values().numel() == 2 * data.train_union().nnz
