@@ -273,3 +273,33 @@ def test_config_validation(tiny: MultiBehaviorData) -> None:
         COPF(tiny, COPFConfig(layers=[1, 1]))
     with pytest.raises(ValueError, match="stop_gradient"):
         COPF(tiny, COPFConfig(stop_gradient="never"))
+
+
+@pytest.mark.parametrize("model", ["copf", "pkef"])
+@pytest.mark.parametrize("name", ["hkuds-beibei", "mule-taobao", "synthetic"])
+def test_configs_resolve(model: str, name: str) -> None:
+    from pathlib import Path
+
+    from mbrec.config import build_config
+
+    cfg = build_config(model, config_file=Path(__file__).resolve().parents[1] / "configs" / model / f"{name}.yaml")
+    if name != "synthetic":
+        assert cfg.protocol.selection == "test" and cfg.protocol.hr == "hits_per_user"
+        assert cfg.train.lr_decay == 0.96 and cfg.train.patience == 0
+        assert sum(cfg.model_args.loss_weights) == pytest.approx(1.0)
+    if model == "copf" and name == "hkuds-beibei":
+        assert cfg.train.lr_decay_steps == 21716 // 256 and cfg.model_args.loss_weights[0] == 0.0
+
+
+@pytest.mark.realdata
+def test_beibei_cumulative_graph(shared_datasets) -> None:
+    from mbrec.data.registry import load_dataset
+
+    data = load_dataset(str(shared_datasets / "hkuds-beibei"))
+    C = bipartite(data.train["pv"] + data.train["cart"] + data.train["buy"], binary=False)
+    # beibei is nested (buy < cart < pv): every buy pair weighs 3 in the cumulative multigraph
+    u, i = data.train["buy"].nonzero()
+    assert np.all(np.asarray(C[u[:1000], data.n_users + i[:1000]]).ravel() == 3)
+    g = left_graphs(data, "cumulative")[2]
+    rows = np.asarray(g.sum(1)).ravel()
+    np.testing.assert_allclose(rows[rows > 0], 1.0, rtol=1e-5)
