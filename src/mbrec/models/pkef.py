@@ -50,7 +50,8 @@ class PKEFConfig(ModelConfig):
 @register("pkef")
 class PKEF(Model):
     config_class = PKEFConfig
-    train_defaults = {"lr": 1e-3, "weight_decay": 0.0, "epochs": 100, "lr_decay": 0.96, "lr_decay_steps": 39}
+    train_defaults = {"lr": 1e-3, "weight_decay": 0.0, "epochs": 100, "patience": 0, "lr_decay": 0.96,
+                      "lr_decay_steps": 39}
     summary = "PKEF (CIKM'23): parallel + cascade GCN with projection injection, PME head with projection experts"
 
     def __init__(self, data: MultiBehaviorData, config: PKEFConfig) -> None:
