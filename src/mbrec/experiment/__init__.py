@@ -19,18 +19,30 @@ from mbrec.experiment.spec import ExperimentSpec, RunPlan, default_out_dir, expa
 
 
 def collect_values(spec: ExperimentSpec, outcomes: list[RunOutcome]) -> dict[tuple[str, str, str], dict[int, float]]:
-    labels = {d.name: d.label for d in spec.datasets}
+    """(row, column group, metric) -> {seed: value}; a behavior a row does not score is left out."""
     values: dict[tuple[str, str, str], dict[int, float]] = {}
+    groups = {d.name: column_groups(spec, d.label) for d in spec.datasets}
     for o in outcomes:
-        for m in spec.metrics:
-            values.setdefault((o.plan.row, labels[o.plan.dataset], m), {})[o.plan.seed] = metric_value(
-                o.metrics, m, spec.split, spec.behavior)
+        block = o.metrics.get(spec.split) or {}
+        for behavior, group in zip(spec.behaviors, groups[o.plan.dataset]):
+            if behavior is not None and behavior not in block:
+                continue
+            for m in spec.metrics:
+                values.setdefault((o.plan.row, group, m), {})[o.plan.seed] = metric_value(
+                    o.metrics, m, spec.split, behavior)
     return values
+
+
+def column_groups(spec: ExperimentSpec, label: str) -> list[str]:
+    """Column-group labels of one dataset: the label, or ``label behavior`` per reported behavior."""
+    if spec.behaviors == (None,):
+        return [label]
+    return [label if b is None else f"{label} {b}" for b in spec.behaviors]
 
 
 def summarize_table(spec: ExperimentSpec, outcomes: list[RunOutcome], out_dir: str | Path) -> Table:
     out = Path(out_dir)
-    columns = [(d.label, m) for d in spec.datasets for m in spec.metrics]
+    columns = [(g, m) for d in spec.datasets for g in column_groups(spec, d.label) for m in spec.metrics]
     table = aggregate(collect_values(spec, outcomes), spec.row_names(), columns, spec.reference,
                       title=spec.description or spec.name)
     protocols = sorted({o.metrics.get("protocol", {}).get("name", "?") + (
@@ -45,16 +57,18 @@ def summarize_table(spec: ExperimentSpec, outcomes: list[RunOutcome], out_dir: s
 def write_runs_csv(spec: ExperimentSpec, outcomes: list[RunOutcome], out_dir: str | Path) -> Path:
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["row", "model", "dataset", "seed", "noise_ratio", "point", "split", "metric", "value",
+    w.writerow(["row", "model", "dataset", "seed", "noise_ratio", "point", "split", "behavior", "metric", "value",
                 "best_epoch", "epochs_run", "train_seconds", "folder"])
     for o in outcomes:
-        for m in spec.metrics:
-            w.writerow([o.plan.row, o.plan.cfg.model, o.plan.dataset, o.plan.seed,
-                        "" if o.plan.noise_ratio is None else o.plan.noise_ratio,
-                        ";".join(f"{k}={v}" for k, v in o.plan.point.items()), spec.split, m,
-                        f"{metric_value(o.metrics, m, spec.split, spec.behavior):.6f}",
-                        o.metrics.get("best_epoch"), o.metrics.get("epochs_run"),
-                        f"{o.metrics.get('train_seconds', 0.0):.1f}", o.plan.folder])
+        for behavior, vals in (o.metrics.get(spec.split) or {}).items():
+            for m in spec.metrics:
+                if m not in vals:
+                    continue
+                w.writerow([o.plan.row, o.plan.cfg.model, o.plan.dataset, o.plan.seed,
+                            "" if o.plan.noise_ratio is None else o.plan.noise_ratio,
+                            ";".join(f"{k}={v}" for k, v in o.plan.point.items()), spec.split, behavior, m,
+                            f"{float(vals[m]):.6f}", o.metrics.get("best_epoch"), o.metrics.get("epochs_run"),
+                            f"{o.metrics.get('train_seconds', 0.0):.1f}", o.plan.folder])
     path = Path(out_dir) / "runs.csv"
     path.write_text(buf.getvalue())
     return path

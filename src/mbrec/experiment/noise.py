@@ -57,7 +57,8 @@ def summarize_noise(spec: ExperimentSpec, outcomes: list[RunOutcome], out_dir: s
                     rel.append(float(np.mean(d)) if d else math.nan)
                 absolute[row], relative[row] = pts, rel
             stem = f"noise-{safe_name(ds.name)}-{safe_name(metric)}"
-            md = _noise_markdown(ds.label, metric, ratios, absolute, relative, spec)
+            n_seeds = len({o.plan.seed for o in outcomes if o.plan.dataset == ds.name})
+            md = _noise_markdown(ds.label, metric, ratios, absolute, relative, spec, n_seeds)
             (out / f"{stem}.md").write_text(md)
             (out / f"{stem}.csv").write_text(_noise_csv(ratios, absolute, relative))
             png = plot_noise(ratios, absolute, relative, out / f"{stem}.png", metric=metric,
@@ -74,9 +75,9 @@ def _pct(r: float) -> str:
 
 
 def _noise_markdown(label: str, metric: str, ratios: list[float], absolute: dict[str, Any],
-                    relative: dict[str, Any], spec: ExperimentSpec) -> str:
+                    relative: dict[str, Any], spec: ExperimentSpec, n_seeds: int) -> str:
     head = ["Model"] + [_pct(r) for r in ratios]
-    lines = [f"### {label}: {metric} under auxiliary noise ({spec.split}, mean ± std over {len(spec.seeds)} seed(s))", "",
+    lines = [f"### {label}: {metric} under auxiliary noise ({spec.split}, mean ± std over {n_seeds} seed(s))", "",
              "| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * len(ratios)) + "|"]
     for row, pts in absolute.items():
         lines.append("| " + " | ".join([row] + [f"{m:.4f} ± {s:.4f}" if math.isfinite(m) else "—" for m, s in pts]) + " |")

@@ -29,6 +29,7 @@ clean data); ``kind: sweep`` adds ``sweep: {params: {model_args.lambda_cl: [0.2,
 from __future__ import annotations
 
 import itertools
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,13 +118,21 @@ class ExperimentSpec:
     reference: str | None = None
     metrics: tuple[str, ...] = ("HR@10", "NDCG@10")
     split: str = "test"
-    behavior: str | None = None
+    #: behaviors reported (``None``: the target); several give one column group per behavior
+    behaviors: tuple[str | None, ...] = (None,)
     epochs: int | None = None
     overrides: dict[str, Any] = field(default_factory=dict)
     config_dir: Path = Path("configs")
     noise: NoiseSpec | None = None
     sweep: SweepSpec | None = None
+    #: run folders, relative to the experiment folder; two specs naming the same folder share
+    #: identical runs (e.g. the full model of an ablation table and of a variants table)
+    runs_dir: str = "runs"
     source: Path | None = None
+
+    @property
+    def behavior(self) -> str | None:
+        return self.behaviors[0]
 
     def row_names(self) -> list[str]:
         return [m.name for m in self.models]
@@ -152,7 +161,7 @@ class RunPlan:
 
 # -- reading ---------------------------------------------------------------------------------
 _TOP_KEYS = {"name", "kind", "description", "seeds", "reference", "metrics", "split", "behavior",
-             "epochs", "set", "config_dir", "datasets", "models", "noise", "sweep"}
+             "epochs", "set", "config_dir", "datasets", "models", "noise", "sweep", "runs_dir"}
 
 
 def _seeds(value: Any, where: str) -> tuple[int, ...]:
@@ -167,6 +176,16 @@ def _seeds(value: Any, where: str) -> tuple[int, ...]:
             raise ConfigError(f"{where}: duplicate seeds {value}")
         return tuple(value)
     raise ConfigError(f"{where}: seeds must be a count or a non-empty list of integers, got {value!r}")
+
+
+def _behaviors(value: Any, where: str) -> tuple[str | None, ...]:
+    if value is None:
+        return (None,)
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, list) and value and all(isinstance(b, str) for b in value):
+        return tuple(value)
+    raise ConfigError(f"{where}: behavior must be a behavior name or a list of names, got {value!r}")
 
 
 def _model_entry(item: Any, where: str) -> ModelEntry:
@@ -263,7 +282,8 @@ def spec_from_dict(raw: Mapping[str, Any], source: Path | None = None) -> Experi
         reference=None if reference is None else str(reference),
         metrics=tuple(str(m) for m in metrics),
         split=split,
-        behavior=None if raw.get("behavior") is None else str(raw["behavior"]),
+        behaviors=_behaviors(raw.get("behavior"), where),
+        runs_dir=str(raw.get("runs_dir", "runs")),
         epochs=epochs,
         overrides=nest(raw.get("set"), f"{where}: set"),
         config_dir=config_dir,
@@ -354,7 +374,7 @@ def expand(
     for ds in spec.datasets:
         for seed in seeds or spec.seeds:
             for entry in spec.models:
-                base = out / "runs" / safe_name(ds.name) / safe_name(entry.name)
+                base = Path(os.path.normpath(out / spec.runs_dir)) / safe_name(ds.name) / safe_name(entry.name)
                 if spec.kind == "noise":
                     assert spec.noise is not None
                     for ratio in (0.0, *[r for r in spec.noise.ratios if r != 0.0]):
