@@ -5,7 +5,8 @@
   spec now resolves to (another epoch cap, an edited config file), the runner stops with the
   differing keys instead of mixing stale numbers into the table.
 * A run folder with ``last.pt`` but no ``metrics.json`` was interrupted mid-training; it
-  continues with ``train(..., resume=True)``.
+  continues with ``train(..., resume=True)`` (a changed epoch limit is allowed, any other change
+  to its configuration is refused).
 * A run folder with neither (killed before its first epoch ended) is cleared and restarted.
 
 Datasets are loaded once per (data, options, seed) and shared by consecutive runs.
@@ -139,6 +140,12 @@ def run_plans(
             say(f"[{i}/{n}] {plan.label}: finished before, skipped")
             continue
         resume = (plan.folder / "last.pt").is_file()
+        if resume and (plan.folder / "config.yaml").is_file():
+            diffs = [d for d in config_diff(read_yaml(plan.folder / "config.yaml"), plan.cfg.to_dict())
+                     if not d.startswith("train.epochs:")]
+            if diffs:
+                raise MbrecError(f"{plan.folder} holds an interrupted run with a different configuration "
+                                 f"({'; '.join(diffs[:5])}); use another --out, or delete that folder")
         if not resume and plan.folder.exists() and any(plan.folder.iterdir()):
             leftovers = {p.name for p in plan.folder.iterdir()}
             if leftovers - _RUN_FILES:
