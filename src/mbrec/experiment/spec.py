@@ -28,7 +28,9 @@ clean data); ``kind: sweep`` adds ``sweep: {params: {model_args.lambda_cl: [0.2,
 
 from __future__ import annotations
 
+import functools
 import itertools
+import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -324,6 +326,16 @@ def _config_path(spec: ExperimentSpec, entry: ModelEntry, dataset: DatasetEntry)
     )
 
 
+@functools.lru_cache(maxsize=256)
+def _read_config_cached(path: str, mtime: float) -> str:
+    return json.dumps(read_yaml(path))
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    """A config file's mapping, parsed once per (path, mtime): specs expand to hundreds of runs."""
+    return json.loads(_read_config_cached(str(path.resolve()), path.stat().st_mtime))
+
+
 def build_run_config(
     spec: ExperimentSpec,
     entry: ModelEntry,
@@ -334,7 +346,11 @@ def build_run_config(
     device: str | None = None,
 ) -> RunConfig:
     path = _config_path(spec, entry, dataset)
-    file_raw = read_yaml(path) if path else {}
+    file_raw = _read_config(path) if path else {}
+    if file_raw.get("model") not in (None, entry.model):
+        raise ConfigError(f"experiment {spec.name!r}, row {entry.name!r}: {path} is a config for model "
+                          f"{file_raw['model']!r}, not {entry.model!r}")
+    file_raw.pop("model", None)
     over: dict[str, Any] = deep_merge(spec.overrides, entry.overrides)
     over = deep_merge(over, dict(extra or {}))
     if dataset.data is not None:
@@ -347,7 +363,7 @@ def build_run_config(
     if device:
         over["device"] = device
     try:
-        cfg = build_config(entry.model, None, config_file=path, overrides=over)
+        cfg = build_config(entry.model, None, overrides=deep_merge(file_raw, over))
     except MbrecError as e:
         raise ConfigError(f"experiment {spec.name!r}, row {entry.name!r} on {dataset.name!r}: {e}") from None
     cap = min(c for c in (spec.epochs, epochs_cap) if c is not None) if (spec.epochs or epochs_cap) else None
