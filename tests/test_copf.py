@@ -303,3 +303,20 @@ def test_beibei_cumulative_graph(shared_datasets) -> None:
     g = left_graphs(data, "cumulative")[2]
     rows = np.asarray(g.sum(1)).ravel()
     np.testing.assert_allclose(rows[rows > 0], 1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("logit_scale", [1.0, 60.0])
+def test_separable_gate_ranking_equals_broadcast_softmax(logit_scale: float) -> None:
+    from mbrec.models._experts import GatedTower
+
+    torch.manual_seed(3)
+    head = GatedTower(4, 3)
+    with torch.no_grad():
+        head.weight.mul_(logit_scale)
+        head.bias.normal_()
+    eu, ev = torch.randn(5, 4), torch.randn(7, 4)
+    ex = [(torch.randn(5, 4), torch.randn(7, 4)) for _ in range(3)]
+    w, b = head.weight[0], head.bias[0]
+    g = torch.softmax((eu @ w[:4])[:, None, :] + (ev @ w[4:] + b)[None], dim=-1)
+    expect = 300 * (g * torch.stack([a @ bb.T for a, bb in ex], -1)).sum(-1)
+    torch.testing.assert_close(head.full(0, eu, ev, ex), expect, rtol=1e-4, atol=1e-3)

@@ -196,21 +196,32 @@ class GatedTower(nn.Module):
         eu: torch.Tensor,
         ev: torch.Tensor,
         experts: Sequence[tuple[torch.Tensor, torch.Tensor]],
-        max_cells: int = 1 << 24,
     ) -> torch.Tensor:
         """``[n_users, n_items]`` scores: ``eu``/``a_m`` are the users' rows, ``ev``/``b_m`` all items.
-        The gate is ``softmax(eu W_u + (ev W_v + b))`` broadcast over ``[users, items, M]``."""
+
+        The gate logit is separable, ``l_m(u, v) = x_m(u) + y_m(v)`` with ``x = eu W_u`` and
+        ``y = ev W_v + b``, so ``exp(l_m) = exp(x_m) exp(y_m)`` and
+        ``sum_m g_m <a_m, b_m> = [sum_m (a_m e^{x_m}) (b_m e^{y_m})^T] / [e^{x} (e^{y})^T]``:
+        two GEMMs, no ``[users, items, M]`` tensor. Shifting ``x`` by its row max and ``y`` by
+        its row max multiplies every expert by the same factor, which cancels. Rows whose
+        denominator underflows fall back to the broadcast softmax."""
         w, b = self._wb(task)
-        gu = eu @ w[: self.dim]  # [c, M]
-        gv = ev @ w[self.dim :] + b  # [I, M]
-        n_i, n_m = ev.shape[0], len(experts)
-        step = max(1, max_cells // max(1, n_i * n_m))
-        out = []
-        for s in range(0, eu.shape[0], step):
-            g = torch.softmax(gu[s : s + step, None, :] + gv[None, :, :], dim=-1)  # [c, I, M]
-            inner = torch.stack([a[s : s + step] @ bb.T for a, bb in experts], dim=-1)
-            out.append(self.tower_scale * (g * inner).sum(-1))
-        return torch.cat(out, 0)
+        x = eu @ w[: self.dim]  # [c, M]
+        y = ev @ w[self.dim :] + b  # [I, M]
+        ex = torch.exp(x - x.max(1, keepdim=True).values)
+        ey = torch.exp(y - y.max(1, keepdim=True).values)
+        num = torch.cat([a * ex[:, m : m + 1] for m, (a, _) in enumerate(experts)], 1) @ torch.cat(
+            [bb * ey[:, m : m + 1] for m, (_, bb) in enumerate(experts)], 1
+        ).T
+        den = ex @ ey.T
+        out = self.tower_scale * num / den
+        bad = ~torch.isfinite(out).all(1) | (den <= 0).any(1)
+        if bool(bad.any()):
+            rows = torch.nonzero(bad).ravel()
+            g = torch.softmax(x[rows, None, :] + y[None, :, :], dim=-1)
+            inner = torch.stack([a[rows] @ bb.T for a, bb in experts], dim=-1)
+            out[rows] = self.tower_scale * (g * inner).sum(-1)
+        return out
 
 
 def bpr_mean(scores: torch.Tensor) -> torch.Tensor:
