@@ -260,3 +260,29 @@ def test_tune_continues_its_study(tmp_path: Path, capsys: pytest.CaptureFixture[
     metrics = json.loads((folder / "metrics.json").read_text())
     assert best["best_value"] == pytest.approx(metrics["valid"]["buy"]["HR@10"])
     assert metrics["protocol"]["selection"] == "validation"
+
+
+def test_behavior_columns_leave_unscored_behaviors_empty(tmp_path: Path) -> None:
+    """``behavior: [buy, view]`` gives a column group per behavior; a row that scores only the
+    target (no ``view`` metrics) gets empty view cells instead of an error."""
+    from mbrec.experiment import collect_values, summarize_table
+    from mbrec.experiment.runner import RunOutcome
+
+    spec = spec_from_dict({"name": "b", "seeds": [0, 1], "reference": "multi", "metrics": ["HR@5"],
+                           "behavior": ["buy", "view"], "datasets": [{"name": "d", "label": "D"}],
+                           "models": [{"name": "multi", "model": "lightgcn", "config": "none"},
+                                      {"name": "target", "model": "lightgcn", "config": "none"}]})
+    plans = expand(spec, tmp_path)
+    scores = {("multi", 0): {"buy": 0.3, "view": 0.5}, ("multi", 1): {"buy": 0.4, "view": 0.7},
+              ("target", 0): {"buy": 0.2}, ("target", 1): {"buy": 0.2}}
+    outcomes = [RunOutcome(p, "skipped", {"protocol": {"name": "mmr", "selection": "validation"},
+                                          "test": {b: {"HR@5": v} for b, v in scores[(p.row, p.seed)].items()}})
+                for p in plans]
+    values = collect_values(spec, outcomes)
+    assert values[("multi", "D view", "HR@5")] == {0: 0.5, 1: 0.7}
+    assert ("target", "D view", "HR@5") not in values
+    md = summarize_table(spec, outcomes, tmp_path).to_markdown()
+    assert "| Model | D buy HR@5 | D view HR@5 |" in md
+    assert "| target | 0.2000 ± 0.0000 | — |" in md
+    # Improv. on buy: (0.35 - 0.2) / 0.2 = +75%; no other row on view
+    assert "| Improv. | +75.00% | — |" in md
