@@ -105,7 +105,7 @@ class Table:
                 if c is None:
                     out.append("—")
                     continue
-                text = f"{c.mean:.{digits}f} ± {c.std:.{digits}f}"
+                text = f"{c.mean:.{digits}f}" + (f" ± {c.std:.{digits}f}" if c.n > 1 else "")  # no spread from one seed
                 out.append((f"**{text}**" if best[col] == r else text) + _md_mark(c.mark))
             lines.append("| " + " | ".join(out) + " |")
         if self.improvement:
@@ -122,7 +122,7 @@ class Table:
     def legend(self) -> str:
         n = sorted({c.n for c in self.cells.values()})
         seeds = f"{n[0]}" if len(n) == 1 else f"{n[0]}-{n[-1]}" if n else "0"
-        text = f"Mean ± sample std over {seeds} seed(s); best mean per column in bold."
+        text = f"Mean ± sample std over {seeds} seed(s) (no ± for a single seed); best mean per column in bold."
         if self.reference:
             text += (f" Marks: paired t-test over seeds against **{self.reference}** (* p < 0.05, ** p < 0.01)."
                      f" Improv.: ({self.reference} − best other row) / best other row, marked when"
@@ -144,7 +144,7 @@ class Table:
                 if c is None:
                     row += ["", "", 0, "", ""]
                 else:
-                    row += [f"{c.mean:.6f}", f"{c.std:.6f}", c.n, "" if math.isnan(c.p) else f"{c.p:.6g}", c.mark]
+                    row += [f"{c.mean:.6f}", f"{c.std:.6f}" if c.n > 1 else "", c.n, "" if math.isnan(c.p) else f"{c.p:.6g}", c.mark]
             w.writerow(row)
         if self.improvement:
             row = ["Improv."]
