@@ -322,6 +322,7 @@ class Trainer:
         metrics = {
             "model": self.cfg.model,
             "dataset": data.name,
+            "target": data.target,
             "data_description": data.description,
             "seed": self.cfg.seed,
             "protocol": p.as_dict(),
