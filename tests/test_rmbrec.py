@@ -335,7 +335,7 @@ def test_orm_variants(orm: str) -> None:
             u, i, j, _ = mk._index(batch())
             h = H[k]
             risk = bpr_rows((h[u[k]] * h[i[k]]).sum(-1), (h[u[k]] * h[j[k]]).sum(-1)).mean()
-            assert float(risk.detach()) == pytest.approx(r[f"bpr_{BEHAVIORS[k]}"], rel=1e-5)
+            assert float(risk.detach()) == pytest.approx(float(r[f"bpr_{BEHAVIORS[k]}"]), rel=1e-5)
             grads.append(torch.autograd.grad(risk, mk.user_emb)[0].flatten())
         want = float(torch.stack(grads).var(0).mean())
     assert got["orm"] == pytest.approx(want, rel=1e-4, abs=1e-9)
