@@ -253,6 +253,17 @@ class Trainer:
         )
         os.replace(tmp, self.out / "last.pt")
 
+    def _eval_splits(self, model: Model, graphs: Any, data: MultiBehaviorData, *, with_test: bool) -> tuple[Metrics, Metrics]:
+        """Validation metrics (when the data has a validation split) and, if asked, test metrics,
+        from one computation of the final embeddings."""
+        p, mb = self.cfg.protocol, self.cfg.train.eval_memory_mb
+        model.eval()
+        with torch.no_grad():
+            emb = model(graphs)
+        valid = evaluate(model, graphs, data, p, "valid", emb=emb, memory_mb=mb) if data.valid[data.target].nnz else {}
+        test = evaluate(model, graphs, data, p, "test", emb=emb, memory_mb=mb) if with_test else {}
+        return valid, test
+
     def _evaluate_and_select(
         self,
         model: Model,
@@ -266,15 +277,7 @@ class Trainer:
     ) -> None:
         p, tc = self.cfg.protocol, self.cfg.train
         t0 = time.perf_counter()
-        model.eval()
-        with torch.no_grad():
-            emb = model(graphs)
-        valid: Metrics = {}
-        test: Metrics = {}
-        if data.valid[data.target].nnz:
-            valid = evaluate(model, graphs, data, p, "valid", emb=emb, memory_mb=tc.eval_memory_mb)
-        if p.selection == "test" or tc.test_every_eval:
-            test = evaluate(model, graphs, data, p, "test", emb=emb, memory_mb=tc.eval_memory_mb)
+        valid, test = self._eval_splits(model, graphs, data, with_test=p.selection == "test" or tc.test_every_eval)
         st.eval_seconds += time.perf_counter() - t0
         chosen = test if p.selection == "test" else valid
         value = selection_value(chosen, p, data.target)
@@ -313,11 +316,7 @@ class Trainer:
             torch.save(model.state_dict(), self.out / "best.pt")
             st.best_epoch = st.epoch
         t0 = time.perf_counter()
-        model.eval()
-        with torch.no_grad():
-            emb = model(graphs)
-        valid = evaluate(model, graphs, data, p, "valid", emb=emb, memory_mb=tc.eval_memory_mb) if data.valid[data.target].nnz else {}
-        test = evaluate(model, graphs, data, p, "test", emb=emb, memory_mb=tc.eval_memory_mb)
+        valid, test = self._eval_splits(model, graphs, data, with_test=True)
         eval_seconds = time.perf_counter() - t0
         metrics = {
             "model": self.cfg.model,
