@@ -89,7 +89,7 @@ def cmd_train(args: argparse.Namespace) -> int:
               f"({metrics['selection']})")
         print(cfg.protocol.describe())
         print(metrics_table(metrics))
-        print(f"median epoch {metrics['epoch_seconds_median']:.2f}s, final evaluation {metrics['eval_seconds']:.2f}s")
+        print(f"median epoch {metrics['epoch_seconds_median']:.3g}s, final evaluation {metrics['eval_seconds']:.3g}s")
     return 0
 
 
