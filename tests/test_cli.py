@@ -70,3 +70,16 @@ def test_models_lists_lightgcn(capsys):
 def test_bad_override_is_a_clear_error(capsys, tmp_path):
     assert main(["train", "lightgcn", "synthetic", "--set", "train.epochz=1", "--out", str(tmp_path / "x")]) == 2
     assert "did you mean 'epochs'" in capsys.readouterr().err
+
+
+def test_threads_flag_sets_torch_threads_and_rejects_zero(capsys):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        assert main(["--threads", "1", "models"]) == 0
+        assert torch.get_num_threads() == 1
+        assert main(["--threads", "0", "models"]) == 2
+        assert "--threads must be >= 1" in capsys.readouterr().err
+    finally:
+        torch.set_num_threads(before)

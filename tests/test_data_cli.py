@@ -51,3 +51,12 @@ def test_convert_and_perturb(tmp_path: Path, capsys: pytest.CaptureFixture[str])
 def test_bad_option_syntax() -> None:
     with pytest.raises(DataError, match="KEY=VALUE"):
         run(["stats", "synthetic", "--option", "n_users"])
+
+
+def test_stats_plot_writes_png_and_keeps_json_clean(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "stats.png"
+    assert run(["stats", "synthetic", "--json", "--plot", str(png), "--option", "n_users=80"]) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out)["users"] == 80  # stdout is still exactly one JSON object
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and str(png) in out.err

@@ -26,6 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("stats", help="users, items, per-behavior counts and density, BAR, DT, behavior patterns")
     _add_data_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--plot", metavar="PNG", help="also draw counts per behavior, BAR and DT to this PNG (needs matplotlib)")
     p.set_defaults(func=cmd_stats)
 
     p = sub.add_parser("convert", help="write a dataset in the generic format (interactions.csv + dataset.yaml)")
@@ -74,6 +75,11 @@ def cmd_stats(args: argparse.Namespace) -> int:
         sys.stdout.write(json.dumps(stats) + "\n")
     else:
         print(format_stats(stats))
+    if getattr(args, "plot", None):
+        from mbrec.experiment.plots import plot_stats
+
+        out = plot_stats(stats, args.plot)
+        print(f"wrote {out}", file=sys.stderr if getattr(args, "json", False) else sys.stdout)
     return 0
 
 

@@ -19,6 +19,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Multi-behavior recommendation: train, evaluate and compare models under explicit protocols.",
     )
     parser.add_argument("--version", action="version", version=f"mbrec {__version__}")
+    parser.add_argument("--threads", type=int, metavar="N",
+                        help="CPU threads for torch (default: torch's own choice; on a small shared machine "
+                             "1 is often fastest, see BENCHMARKS.md)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         try:
@@ -37,6 +40,13 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    if args.threads is not None:
+        if args.threads < 1:
+            print(f"mbrec: error: --threads must be >= 1, got {args.threads}", file=sys.stderr)
+            return 2
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         return int(args.func(args) or 0)
     except MbrecError as e:
