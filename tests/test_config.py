@@ -63,3 +63,18 @@ def test_protocol_presets_and_overrides():
     with pytest.raises(ConfigError, match="unknown protocol field"):
         get_protocol({"preset": "default", "kss": [1]})
     assert "best-on-TEST" in get_protocol("copf").describe()
+
+
+def test_protocol_field_override_refines_a_preset_given_by_name(tmp_path):
+    """``protocol: mmr`` in YAML + ``--set protocol.select_behavior=sum`` keeps mmr (a bug once
+    silently fell back to the default preset)."""
+    f = tmp_path / "c.yaml"
+    f.write_text("model: lightgcn\ndata: synthetic\nprotocol: mmr\n")
+    cfg = build_config("lightgcn", None, config_file=f, overrides=["protocol.select_behavior=sum"])
+    assert cfg.protocol.name == "mmr" and cfg.protocol.mask == "behavior" and cfg.protocol.ks == (5, 10, 20)
+    assert cfg.protocol.select_behavior == "sum"
+    cfg = build_config("lightgcn", None, config_file=f, overrides=["protocol.ks=[5]"])
+    assert cfg.protocol.name == "mmr" and cfg.protocol.tasks == "all"
+    # a whole new preset by name still replaces it, and --protocol (protocol.preset=...) switches it
+    assert build_config("lightgcn", None, config_file=f, overrides=["protocol=copf"]).protocol.name == "copf"
+    assert build_config("lightgcn", None, config_file=f, overrides=["protocol.preset=rmbrec"]).protocol.name == "rmbrec"

@@ -212,6 +212,10 @@ def build_config(
     if data is not None:
         raw["data"] = data
     extra = parse_overrides(list(overrides)) if isinstance(overrides, list) else dict(overrides or {})
+    if isinstance(raw.get("protocol"), str):
+        # ``protocol: mmr`` is shorthand for ``{preset: mmr}``; a field override such as
+        # ``protocol.ks=[5]`` must refine that preset, not replace it with the default one
+        raw["protocol"] = {"preset": raw["protocol"]}
     raw = deep_merge(raw, extra)
     known_top = {f.name for f in dataclasses.fields(RunConfig)}
     unknown = sorted(set(raw) - known_top)
