@@ -257,6 +257,31 @@ def test_sampler_triplets_and_epoch_size(tiny: MultiBehaviorData, epoch_size: st
             assert len(np.unique(pairs)) == nnz[k]
 
 
+def test_sampler_each_is_one_pass_over_every_behavior(tiny: MultiBehaviorData) -> None:
+    model = BiGEL(tiny, BiGELConfig(embedding_dim=8, batch_size=7, epoch_size="each"))
+    sampler = model.make_sampler(tiny)
+    batches = list(sampler.epoch(np.random.default_rng(3)))
+    nnz = [tiny.train[b].nnz for b in model.order]
+    assert len(batches) == len(sampler) == -(-nnz[-1] // 7)  # as many batches as the target needs
+    for k, beh in enumerate(model.order):
+        R = tiny.train[beh].toarray()
+        u = np.concatenate([b[f"users_{k}"] for b in batches])
+        i = np.concatenate([b[f"pos_{k}"] for b in batches])
+        j = np.concatenate([b[f"neg_{k}"] for b in batches])
+        assert R[u, i].all() and not R[u, j].any()
+        pairs = np.sort(u * tiny.n_items + i)  # every pair of the behavior exactly once
+        assert np.array_equal(pairs, np.sort(np.nonzero(R.ravel())[0]))
+        sizes = [len(b[f"users_{k}"]) for b in batches]
+        assert max(sizes) - min(sizes) <= 1  # split evenly: proportional to the behavior's size
+    # the loss reads this layout and equals the stacked layout's loss on the same triplets
+    m = min(len(batches[0][f"users_{k}"]) for k in range(len(model.order)))
+    ragged = {f"{n}_{k}": batches[0][f"{n}_{k}"][:m] for k in range(len(model.order)) for n in ("users", "pos", "neg")}
+    stacked = {n: np.stack([ragged[f"{n}_{k}"] for k in range(len(model.order))]) for n in ("users", "pos", "neg")}
+    graphs = model.build_graphs(tiny, DEV)
+    a, b = model.loss(graphs, ragged), model.loss(graphs, stacked)
+    assert set(a) == set(b) and all(torch.allclose(a[t], b[t]) for t in a)
+
+
 def test_a_few_steps_reduce_the_loss(tiny: MultiBehaviorData) -> None:
     model, graphs, _ = make(tiny)
     opt = torch.optim.Adam(model.parameters(), lr=0.05)
