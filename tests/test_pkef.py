@@ -113,3 +113,18 @@ def test_training_step_and_options(tiny: MultiBehaviorData) -> None:
     m2, _ = _model(tiny, unique_loss=False)
     assert m2.unique_pairs == []
     assert not any(k.startswith("uusers") for k in next(m2.make_sampler(tiny).epoch(np.random.default_rng(0))))
+
+
+def test_gate_weight_on_own_expert_is_logged(tiny: MultiBehaviorData) -> None:
+    """``gate_own_<b>`` is the mean softmax weight of task b's own expert over its pairs."""
+    m, g = _model(tiny, loss_weights=[0.0, 4 / 6, 2 / 6])
+    batch = {k: torch.from_numpy(x) for k, x in next(m.make_sampler(tiny).epoch(np.random.default_rng(0))).items()}
+    terms = m.loss(g, batch)
+    assert "gate_own_view" not in terms  # lambda_view = 0: the task is skipped
+    c = [x.detach() for x in m(g)["c"]]
+    u, pos, neg = batch["users_2"], batch["pos_2"], batch["neg_2"]
+    uu, ii = torch.cat([u, u]), torch.cat([pos, neg]) + tiny.n_users
+    W, b = m.head.weight[0].detach(), m.head.bias[0].detach()
+    expect = torch.softmax(torch.cat([c[2][uu], c[2][ii]], 1) @ W + b, dim=1)[:, 0].mean()
+    torch.testing.assert_close(terms["gate_own_buy"], expect, rtol=1e-5, atol=1e-6)
+    assert not terms["gate_own_buy"].requires_grad

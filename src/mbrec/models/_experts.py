@@ -185,8 +185,11 @@ class GatedTower(nn.Module):
     def pairs(
         self, task: int, eu: torch.Tensor, ev: torch.Tensor, experts: Sequence[tuple[torch.Tensor, torch.Tensor]]
     ) -> torch.Tensor:
-        """Scores of aligned pairs; ``experts[m] = (a_m[users], b_m[items])``, each ``[n, d]``."""
+        """Scores of aligned pairs; ``experts[m] = (a_m[users], b_m[items])``, each ``[n, d]``.
+        The mean gate weight of each expert over these pairs is kept in ``last_gate_mean``
+        (detached; a training diagnostic)."""
         g = self.gate(task, eu, ev)
+        self.last_gate_mean = g.detach().mean(0) if g.shape[0] else g.detach().sum(0)
         inner = torch.stack([(a * b).sum(-1) for a, b in experts], dim=-1)  # [n, M]
         return self.tower_scale * (g * inner).sum(-1)
 

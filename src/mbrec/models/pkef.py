@@ -135,6 +135,9 @@ class PKEF(Model):
             exu, _ = self.projection_experts(c, k, uu)
             exi, _ = self.projection_experts(c, k, ii)
             pme = bpr_mean(self.head.pairs(k, exu[0], exi[0], list(zip(exu, exi))))
+            # the gate's weight on the task's own expert: with the official defaults it falls to
+            # ~0 for the target within the first ~100 steps and recovers later (results/pkef.md)
+            out[f"gate_own_{b}"] = self.head.last_gate_mean[0]
             uni = total.new_zeros(())
             for (kk, j) in self.unique_pairs:
                 if kk != k:
