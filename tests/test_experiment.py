@@ -286,3 +286,17 @@ def test_behavior_columns_leave_unscored_behaviors_empty(tmp_path: Path) -> None
     assert "| target | 0.2000 ± 0.0000 | — |" in md
     # Improv. on buy: (0.35 - 0.2) / 0.2 = +75%; no other row on view
     assert "| Improv. | +75.00% | — |" in md
+
+
+def test_tune_objective_follows_the_selection_rule() -> None:
+    """The tuned value is what the trainer selects epochs on: the target's validation metric,
+    or with ``select_behavior: sum`` the sum over the evaluated behaviors."""
+    import math
+
+    from mbrec.experiment.tune import objective_value
+
+    m = {"valid": {"click": {"NDCG@5": 0.05}, "favourite": {"NDCG@5": 0.07}, "purchase": {"NDCG@5": 0.06}}}
+    assert objective_value(m, "purchase", "NDCG@5") == pytest.approx(0.06)
+    assert objective_value(m, "purchase", "NDCG@5", "sum") == pytest.approx(0.18)
+    assert math.isnan(objective_value(m, "purchase", "HR@5", "sum"))
+    assert math.isnan(objective_value({}, "purchase", "NDCG@5"))

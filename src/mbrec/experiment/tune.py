@@ -1,7 +1,8 @@
 """Hyperparameter search with Optuna on the **validation** metric (never test).
 
 Each trial is a normal run folder ``OUT/trials/trial-NNNN`` trained with the sampled values;
-the objective is the validation ``metric`` of the target behavior at the selected epoch. The
+the objective is the validation ``metric`` at the selected epoch, of the target behavior or, with
+``protocol.select_behavior: sum`` (multi-task runs), summed over every evaluated behavior. The
 protocol is forced to validation selection (a best-on-test preset such as ``copf`` would pick
 epochs on test numbers); a dataset without a validation split is a clear error (carve one with
 ``--set data_options.carve_valid=true``). The study lives in ``OUT/study.db`` (SQLite): running
@@ -45,6 +46,16 @@ class Param:
             return trial.suggest_int(self.key, int(self.low), int(self.high), log=self.log)
         return trial.suggest_categorical(self.key, list(self.choices))
 
+
+
+def objective_value(metrics: dict, target: str, metric: str, select_behavior: str = "target") -> float:
+    """The validation ``metric`` of a finished run: the target's, or the sum over behaviors
+    (``select_behavior == "sum"``, the rule the trainer selects epochs with); NaN if missing."""
+    valid = metrics.get("valid") or {}
+    if select_behavior == "sum":
+        vals = [float(m[metric]) for m in valid.values() if isinstance(m, dict) and metric in m]
+        return float(sum(vals)) if vals else float("nan")
+    return float((valid.get(target) or {}).get(metric, float("nan")))
 
 def parse_param(text: str) -> Param:
     """``key=float:LOW:HIGH[:log]`` | ``key=int:LOW:HIGH[:log]`` | ``key=cat:A,B,C``."""
@@ -138,8 +149,7 @@ def tune(
             shutil.rmtree(folder)
         log(f"trial {trial.number}: {values}")
         metrics = train_fn(cfg, folder, data=data, quiet=True)
-        valid = metrics.get("valid") or {}
-        value = float((valid.get(data.target) or {}).get(metric, float("nan")))
+        value = objective_value(metrics, data.target, metric, cfg.protocol.select_behavior)
         trial.set_user_attr("folder", str(folder))
         log(f"trial {trial.number}: valid {metric} = {value:.4f}")
         return value
