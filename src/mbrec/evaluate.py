@@ -171,11 +171,16 @@ def evaluate(
     return result
 
 
+def task_metric(metrics: Metrics, metric: str, target: str, select_behavior: str = "target") -> float:
+    """``metric`` of the target (``select_behavior="target"``) or summed over the behaviors ("sum")."""
+    if select_behavior == "target":
+        return float(metrics.get(target, {}).get(metric, float("nan")))
+    return float(sum(m.get(metric, 0.0) for m in metrics.values()))
+
+
 def selection_value(metrics: Metrics, protocol: Protocol, target: str) -> float:
     """The scalar the protocol selects on (target's metric, or the sum over behaviors)."""
-    if protocol.select_behavior == "target":
-        return float(metrics.get(target, {}).get(protocol.select_metric, float("nan")))
-    return float(sum(m.get(protocol.select_metric, 0.0) for m in metrics.values()))
+    return task_metric(metrics, protocol.select_metric, target, protocol.select_behavior)
 
 
 @torch.no_grad()

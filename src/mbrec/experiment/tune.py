@@ -27,6 +27,7 @@ from typing import Any, Callable
 
 from mbrec.config import RunConfig, parse_value
 from mbrec.errors import ConfigError, MbrecError
+from mbrec.evaluate import task_metric
 from mbrec.experiment.spec import nest
 
 
@@ -49,13 +50,13 @@ class Param:
 
 
 def objective_value(metrics: dict, target: str, metric: str, select_behavior: str = "target") -> float:
-    """The validation ``metric`` of a finished run: the target's, or the sum over behaviors
-    (``select_behavior == "sum"``, the rule the trainer selects epochs with); NaN if missing."""
+    """The validation ``metric`` of a finished run, combined over behaviors as the trainer selects
+    epochs (:func:`mbrec.evaluate.task_metric`); NaN when no behavior reports ``metric``."""
     valid = metrics.get("valid") or {}
-    if select_behavior == "sum":
-        vals = [float(m[metric]) for m in valid.values() if isinstance(m, dict) and metric in m]
-        return float(sum(vals)) if vals else float("nan")
-    return float((valid.get(target) or {}).get(metric, float("nan")))
+    if not any(isinstance(m, dict) and metric in m for m in valid.values()):
+        return float("nan")
+    return task_metric(valid, metric, target, select_behavior)
+
 
 def parse_param(text: str) -> Param:
     """``key=float:LOW:HIGH[:log]`` | ``key=int:LOW:HIGH[:log]`` | ``key=cat:A,B,C``."""

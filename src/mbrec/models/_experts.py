@@ -183,15 +183,15 @@ class GatedTower(nn.Module):
         return torch.softmax(eu @ w[: self.dim] + ev @ w[self.dim :] + b, dim=-1)
 
     def pairs(
-        self, task: int, eu: torch.Tensor, ev: torch.Tensor, experts: Sequence[tuple[torch.Tensor, torch.Tensor]]
-    ) -> torch.Tensor:
+        self, task: int, eu: torch.Tensor, ev: torch.Tensor, experts: Sequence[tuple[torch.Tensor, torch.Tensor]],
+        *, return_gate: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Scores of aligned pairs; ``experts[m] = (a_m[users], b_m[items])``, each ``[n, d]``.
-        The mean gate weight of each expert over these pairs is kept in ``last_gate_mean``
-        (detached; a training diagnostic)."""
+        With ``return_gate`` also the ``[n, M]`` gate weights (for diagnostics)."""
         g = self.gate(task, eu, ev)
-        self.last_gate_mean = g.detach().mean(0) if g.shape[0] else g.detach().sum(0)
         inner = torch.stack([(a * b).sum(-1) for a, b in experts], dim=-1)  # [n, M]
-        return self.tower_scale * (g * inner).sum(-1)
+        scores = self.tower_scale * (g * inner).sum(-1)
+        return (scores, g) if return_gate else scores
 
     def full(
         self,

@@ -380,15 +380,15 @@ class BiGEL(Model):
         for k, b in enumerate(self.order):
             e = enc["final"][b]
             Uk, Pk, Nk = trip[k]
-            u, i, j = e[Uk], e[n + Pk], e[n + Nk]
             if len(Uk) == 0:  # "each": a behavior with fewer pairs than batches has empty batches
                 terms[f"bpr_{b}"] = torch.zeros((), device=dev)
                 continue
+            u, i, j = e[Uk], e[n + Pk], e[n + Nk]
             terms[f"bpr_{b}"] = bpr((u * i).sum(-1), (u * j).sum(-1), form=c.bpr_form)
             total = total + self.task_weights[b] * terms[f"bpr_{b}"]
             if c.reg_scope == "batch":
                 ego = self.user_emb[Uk].pow(2).sum() + self.item_emb[Pk].pow(2).sum() + self.item_emb[Nk].pow(2).sum()
-                reg = reg + 0.5 * ego / max(len(Uk), 1)
+                reg = reg + 0.5 * ego / len(Uk)
         if c.reg_scope == "all":
             reg = sum((p.pow(2).sum() for p in self.parameters()), reg)
         terms["reg"] = c.reg * reg

@@ -134,10 +134,11 @@ class PKEF(Model):
             par = bpr_mean(scale * (p[k][uu] * p[k][ii]).sum(-1))
             exu, _ = self.projection_experts(c, k, uu)
             exi, _ = self.projection_experts(c, k, ii)
-            pme = bpr_mean(self.head.pairs(k, exu[0], exi[0], list(zip(exu, exi))))
+            scores, gate = self.head.pairs(k, exu[0], exi[0], list(zip(exu, exi)), return_gate=True)
+            pme = bpr_mean(scores)
             # the gate's weight on the task's own expert: with the official defaults it falls to
             # ~0 for the target within the first ~100 steps and recovers later (results/pkef.md)
-            out[f"gate_own_{b}"] = self.head.last_gate_mean[0]
+            out[f"gate_own_{b}"] = gate[:, 0].detach().mean() if len(gate) else gate.new_zeros(())
             uni = total.new_zeros(())
             for (kk, j) in self.unique_pairs:
                 if kk != k:
