@@ -127,6 +127,21 @@ def test_spec_errors_are_clear(tmp_path: Path) -> None:
         expand(bad, tmp_path / "out")
 
 
+
+def test_spec_protocol_override_refines_a_config_preset_given_by_name(tmp_path: Path) -> None:
+    """A config file with ``protocol: mmr`` and a spec-level ``protocol.select_behavior: sum`` keep
+    the mmr preset (this path once fell back to the default preset, unlike ``mbrec train --set``)."""
+    cfg_dir = tmp_path / "cfg" / "lightgcn"
+    cfg_dir.mkdir(parents=True)
+    (cfg_dir / "synthetic.yaml").write_text("model: lightgcn\ndata: synthetic\nprotocol: mmr\n")
+    spec = spec_from_dict({"name": "x", "datasets": ["synthetic"], "config_dir": str(tmp_path / "cfg"),
+                           "set": {"protocol.select_behavior": "sum"},
+                           "models": ["lightgcn", {"name": "k5", "model": "lightgcn", "set": {"protocol.ks": [5]}}]})
+    plans = expand(spec, tmp_path / "out")
+    assert [p.cfg.protocol.name for p in plans] == ["mmr", "mmr"]
+    assert all(p.cfg.protocol.select_behavior == "sum" and p.cfg.protocol.mask == "behavior" for p in plans)
+    assert plans[1].cfg.protocol.ks == (5,)
+
 def test_paper_specs_resolve() -> None:
     """Every shipped spec expands (config files exist, overrides are valid model options)."""
     root = Path(__file__).resolve().parents[1] / "experiments"

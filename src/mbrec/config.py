@@ -119,6 +119,14 @@ def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
 
 
 def deep_merge(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    """Merge ``extra`` into ``base`` (nested mappings merge, anything else replaces).
+
+    ``protocol: mmr`` in ``base`` is shorthand for ``{preset: mmr}``: when ``extra`` refines the
+    protocol field by field (``protocol.ks=[5]``), the refinement applies to that preset instead of
+    replacing it by the default one. A string in ``extra`` still replaces the whole protocol.
+    """
+    if isinstance(base.get("protocol"), str) and isinstance(extra.get("protocol"), Mapping):
+        base = {**base, "protocol": {"preset": base["protocol"]}}
     out = dict(base)
     for k, v in extra.items():
         if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
@@ -212,11 +220,7 @@ def build_config(
     if data is not None:
         raw["data"] = data
     extra = parse_overrides(list(overrides)) if isinstance(overrides, list) else dict(overrides or {})
-    if isinstance(raw.get("protocol"), str):
-        # ``protocol: mmr`` is shorthand for ``{preset: mmr}``; a field override such as
-        # ``protocol.ks=[5]`` must refine that preset, not replace it with the default one
-        raw["protocol"] = {"preset": raw["protocol"]}
-    raw = deep_merge(raw, extra)
+    raw = deep_merge(raw, extra)  # keeps a shorthand preset that extra refines (see deep_merge)
     known_top = {f.name for f in dataclasses.fields(RunConfig)}
     unknown = sorted(set(raw) - known_top)
     if unknown:
