@@ -10,7 +10,7 @@ from mbrec import __version__
 from mbrec.errors import MbrecError
 
 #: modules that add subcommands; a missing optional module is skipped
-COMMAND_MODULES = ("mbrec.cli.data_cmds", "mbrec.cli.run_cmds", "mbrec.cli.experiment_cmds")
+COMMAND_MODULES = ("mbrec.cli.data_cmds", "mbrec.cli.run_cmds", "mbrec.cli.experiment_cmds", "mbrec.cli.report_cmds")
 
 
 def build_parser() -> argparse.ArgumentParser:
