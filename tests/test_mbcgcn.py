@@ -134,6 +134,16 @@ def test_pretraining_changes_first_block_start(tiny) -> None:
     assert torch.equal(b0, u0)
     b1, u1, i1 = start(3)
     assert not torch.allclose(b1, u1)
+    # progress goes to the run log: a header, epochs 1 and 3 (first and last), a total; the loss falls
+    lines: list[str] = []
+    torch.manual_seed(0)
+    model = MBCGCN(tiny, MBCGCNConfig(embedding_dim=8, layers=1, batch_size=8, pretrain_epochs=12, pretrain_lr=0.05))
+    model.on_train_start(tiny, model.build_graphs(tiny, torch.device("cpu")), torch.device("cpu"), log=lines.append)
+    assert "pretraining a 3-layer LightGCN on 'view' for 12 epochs" in lines[0]
+    epochs = [ln for ln in lines if ln.startswith("pretrain epoch")]
+    assert [int(ln.split()[2]) for ln in epochs] == [1, 10, 12] and lines[-1].startswith("pretraining done")
+    losses = [float(ln.split("loss ")[1].split()[0]) for ln in epochs]
+    assert losses[-1] < losses[0]
     # the pretrained table is a LightGCN trained on the view graph: users who view more
     # items end with larger embeddings than the N(0, 0.01²) start
     assert u1.norm() > b1.norm()

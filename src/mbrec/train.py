@@ -183,7 +183,7 @@ class Trainer:
             logger.info(cfg.protocol.describe())
             n_params = sum(p.numel() for p in model.parameters())
             logger.info(f"{n_params:,} parameters, device {self.device}, seed {cfg.seed}")
-            model.on_train_start(data, graphs, self.device)
+            model.on_train_start(data, graphs, self.device, log=logger.info)
             if tc.eval_start == 0:
                 self._evaluate_and_select(model, graphs, data, st, logger, epoch=0, train_terms={})
 

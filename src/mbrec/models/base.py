@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterator, Mapping, Protocol
+from typing import Any, Callable, ClassVar, Iterator, Mapping, Protocol
 
 import numpy as np
 import torch
@@ -88,8 +88,10 @@ class Model(nn.Module):
         return (self.target,)
 
     # -- optional hooks ---------------------------------------------------------
-    def on_train_start(self, data: MultiBehaviorData, graphs: Any, device: torch.device) -> None:
-        """Called once before the first epoch (e.g. pretraining)."""
+    def on_train_start(
+        self, data: MultiBehaviorData, graphs: Any, device: torch.device, log: Callable[[str], None] | None = None
+    ) -> None:
+        """Called once before the first epoch (e.g. pretraining); ``log`` writes to the run's log."""
 
     def check_behavior(self, behavior: str) -> None:
         if behavior not in self.scored_behaviors:

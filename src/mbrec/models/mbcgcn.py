@@ -27,8 +27,9 @@ Official-code behaviour kept as the default (and the switches):
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import scipy.sparse as sp
@@ -206,11 +207,19 @@ class MBCGCN(Model):
         return emb["user"][users] @ emb["item"].T
 
     # -- pretraining ------------------------------------------------------------
-    def on_train_start(self, data: MultiBehaviorData, graphs: list[SparseGraph], device: torch.device) -> None:
-        """LightGCN pretraining of the first block's embeddings (``pretrain_epochs > 0``)."""
+    def on_train_start(
+        self,
+        data: MultiBehaviorData,
+        graphs: list[SparseGraph],
+        device: torch.device,
+        log: Callable[[str], None] | None = None,
+    ) -> None:
+        """LightGCN pretraining of the first block's embeddings (``pretrain_epochs > 0``); the mean
+        BPR loss and time of every 10th pretraining epoch (and the first and last) go to ``log``."""
         cfg = self.config
         if cfg.pretrain_epochs <= 0:
             return
+        log = log or (lambda _msg: None)
         seed = int(torch.randint(0, 2**31 - 1, ()).item())  # follows the trainer's torch seed
         rng = np.random.default_rng(seed)
         first = self.behaviors[0]
@@ -218,7 +227,12 @@ class MBCGCN(Model):
         eu = nn.Parameter(torch.randn(self.n_users, cfg.embedding_dim, device=device) * cfg.init_std)
         ei = nn.Parameter(torch.randn(self.n_items, cfg.embedding_dim, device=device) * cfg.init_std)
         opt = torch.optim.Adam([eu, ei], lr=cfg.pretrain_lr)
-        for _ in range(cfg.pretrain_epochs):
+        first_name = self.behaviors[0]
+        log(f"pretraining a {cfg.pretrain_layers}-layer LightGCN on {first_name!r} for {cfg.pretrain_epochs} epochs "
+            f"(lr {cfg.pretrain_lr}); the first block starts from its embeddings")
+        t_all = time.perf_counter()
+        for ep in range(1, cfg.pretrain_epochs + 1):
+            t0, total, n = time.perf_counter(), 0.0, 0
             for b in sampler.epoch(rng):
                 tb = {k: torch.as_tensor(v, device=device) for k, v in b.items()}
                 out = lightgcn_block(graphs[0], torch.cat([eu, ei], 0), cfg.pretrain_layers)
@@ -227,6 +241,10 @@ class MBCGCN(Model):
                 opt.zero_grad()
                 terms["loss"].backward()
                 opt.step()
+                total, n = total + float(terms["loss"].detach()), n + 1
+            if ep == 1 or ep % 10 == 0 or ep == cfg.pretrain_epochs:
+                log(f"pretrain epoch {ep:4d} | loss {total / max(n, 1):.4f} | {time.perf_counter() - t0:.1f}s")
+        log(f"pretraining done in {time.perf_counter() - t_all:.0f}s")
         with torch.no_grad():
             self.user_emb.copy_(eu.detach())
             self.item_emb.copy_(ei.detach())
