@@ -105,3 +105,53 @@ def test_load_run_rebuilds_the_model(tmp_path, monkeypatch, tiny):
     cfg, data, model, graphs = load_run(tmp_path / "r")
     assert cfg.model == "lightgcn"
     assert model(graphs).shape[-1] == 64
+
+
+def test_select_each_keeps_a_checkpoint_per_task(tmp_path, capsys):
+    """``select_behavior: each``: every behavior is reported at its own best validation epoch, from
+    its own checkpoint; the picks agree with `mbrec reselect` on the same history."""
+    from mbrec.reselect import reselect
+    from mbrec.train import load_data, task_checkpoint
+
+    cfg = build_config("lightgcn", "synthetic", overrides=[
+        "data_options.n_users=150", "data_options.n_items=120", "model_args.mode=per_behavior", "protocol=mmr", "protocol.select_behavior=each",
+        "train.epochs=10", "train.patience=0", "train.test_every_eval=true", "train.lr=0.05"])
+    run = tmp_path / "run"
+    data = load_data(cfg)
+    m = train(cfg, run, data=data, quiet=True)
+    picks = reselect(m, "each")
+    assert m["best_epochs"] == picks.epochs and len(set(picks.epochs.values())) > 1  # tasks peak apart
+    for b, epoch in picks.epochs.items():
+        assert task_checkpoint(run, b).is_file()
+        # the final metrics of each task are its metrics at its own epoch, recomputed from its checkpoint
+        assert m["test"][b]["NDCG@5"] == pytest.approx(picks.test[b]["NDCG@5"], abs=1e-6)
+        assert m["valid"][b]["NDCG@5"] == pytest.approx(picks.valid[b]["NDCG@5"], abs=1e-6)
+    assert m["best_epoch"] == picks.epochs[data.target]
+    assert "own selected epoch" in m["selection"]
+    # best.pt is the target's checkpoint; load_run(behavior=B) loads B's
+    target_w = torch.load(task_checkpoint(run, data.target))
+    assert all(torch.equal(target_w[k], v) for k, v in torch.load(run / "best.pt").items())
+    other = next(b for b in picks.epochs if picks.epochs[b] != picks.epochs[data.target])
+    _, _, model, _ = load_run(run, behavior=other)
+    own = torch.load(task_checkpoint(run, other))
+    assert all(torch.equal(own[k], v) for k, v in model.state_dict().items())
+    # `mbrec evaluate` reproduces the per-task numbers of metrics.json
+    from mbrec.cli.main import main
+
+    assert main(["evaluate", str(run), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    for b in picks.epochs:
+        assert out["test"][b]["NDCG@5"] == pytest.approx(m["test"][b]["NDCG@5"], abs=1e-6)
+
+
+def test_select_each_patience_waits_for_every_task(tmp_path):
+    from mbrec.data.synthetic import load_builtin
+    from mbrec.reselect import reselect
+
+    data = load_builtin("synthetic", seed=0, n_users=150, n_items=120)
+    over = ["model_args.mode=per_behavior", "protocol=mmr", "protocol.select_behavior=each",
+            "train.epochs=30", "train.patience=2", "train.test_every_eval=true", "train.lr=0.05"]
+    m = train(build_config("lightgcn", "synthetic", overrides=over), tmp_path / "run", data=data, quiet=True)
+    last_gain = max(m["best_epochs"].values())
+    assert m["epochs_run"] == last_gain + 3 < 30  # stopped 3 epochs after the last task improved
+    assert reselect(m, "each", patience=2).epochs == m["best_epochs"]

@@ -110,6 +110,8 @@ def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
             raise ConfigError(f"--set expects key=value, got {pair!r}")
         node = out
         parts = key.strip().split(".")
+        if len(parts) > 1 and parts[0] == "protocol" and isinstance(out.get("protocol"), str):
+            out["protocol"] = {"preset": out["protocol"]}  # protocol=mmr, then protocol.ks=[5]
         for p in parts[:-1]:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):

@@ -172,7 +172,8 @@ def evaluate(
 
 
 def task_metric(metrics: Metrics, metric: str, target: str, select_behavior: str = "target") -> float:
-    """``metric`` of the target (``select_behavior="target"``) or summed over the behaviors ("sum")."""
+    """``metric`` of the target (``select_behavior="target"``) or summed over the behaviors ("sum";
+    also "each", whose metrics hold every behavior at its own selected epoch)."""
     if select_behavior == "target":
         return float(metrics.get(target, {}).get(metric, float("nan")))
     return float(sum(m.get(metric, 0.0) for m in metrics.values()))

@@ -31,7 +31,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "hr": ("hit_rate", "hits_per_user"),
     "ndcg": ("normalized", "dcg"),
     "selection": ("validation", "test"),
-    "select_behavior": ("target", "sum"),
+    "select_behavior": ("target", "sum", "each"),
     "tasks": ("target", "all"),
 }
 
@@ -59,7 +59,8 @@ class Protocol:
     #: ``validation``: pick the epoch by a validation metric; ``test``: best-on-test (paper parity)
     selection: str = "validation"
     select_metric: str = "NDCG@10"
-    #: the selection metric of the target, or summed over all evaluated behaviors
+    #: the selection metric of the target, or summed over all evaluated behaviors (one epoch for
+    #: every task), or ``each``: every behavior at its own best epoch (a checkpoint per task)
     select_behavior: str = "target"
     metrics: tuple[str, ...] = METRICS
 
@@ -98,6 +99,8 @@ class Protocol:
             if self.paper_parity
             else "epoch chosen on the validation split; test reported at that epoch"
         )
+        if self.select_behavior == "each":
+            d["selection_note"] += " (each behavior at its own selected epoch)"
         return d
 
     def describe(self) -> str:

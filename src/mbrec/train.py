@@ -6,7 +6,10 @@ Run folder (contract)::
     RUN_DIR/config.yaml    the resolved configuration (re-runnable with --config)
     RUN_DIR/train.log      one line per epoch: every loss term, the evaluation metrics, time
     RUN_DIR/metrics.json   final metrics (see design.md), the protocol, the per-epoch history
-    RUN_DIR/best.pt        model weights at the selected epoch
+    RUN_DIR/best.pt        model weights at the selected epoch (with ``select_behavior: each``:
+                           the target's selected epoch)
+    RUN_DIR/best_<B>.pt    with ``protocol.select_behavior: each`` only: weights at behavior B's
+                           own selected epoch (``mbrec recommend --behavior B`` uses them)
     RUN_DIR/last.pt        weights, optimizer, RNG states and history after the last epoch
                            (``--resume`` continues from here and ends where an uninterrupted
                            run with the same seed ends)
@@ -97,6 +100,8 @@ class _State:
     best_epoch: int = 0
     best_valid: Metrics = field(default_factory=dict)
     best_test: Metrics = field(default_factory=dict)
+    #: ``select_behavior: each``: behavior -> [best value, its epoch]
+    best_tasks: dict[str, list[float]] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
     epoch_seconds: list[float] = field(default_factory=list)
     eval_seconds: float = 0.0
@@ -280,12 +285,15 @@ class Trainer:
         valid, test = self._eval_splits(model, graphs, data, with_test=p.selection == "test" or tc.test_every_eval)
         st.eval_seconds += time.perf_counter() - t0
         chosen = test if p.selection == "test" else valid
-        value = selection_value(chosen, p, data.target)
-        improved = math.isfinite(value) and value > st.best_value
-        if improved:
-            st.best_value, st.best_epoch = value, epoch
-            st.best_valid, st.best_test = valid, test
-            torch.save(model.state_dict(), self.out / "best.pt")
+        if p.select_behavior == "each":
+            improved = self._select_each(model, chosen, data.target, st, epoch)
+        else:
+            value = selection_value(chosen, p, data.target)
+            improved = math.isfinite(value) and value > st.best_value
+            if improved:
+                st.best_value, st.best_epoch = value, epoch
+                st.best_valid, st.best_test = valid, test
+                torch.save(model.state_dict(), self.out / "best.pt")
         entry: dict[str, Any] = {"epoch": epoch, "seconds": secs, **train_terms}
         if valid:
             entry["valid"] = valid
@@ -299,6 +307,42 @@ class Trainer:
             line += " | " + _fmt_metrics("test", test)
         logger.info(line + f" | {secs:.1f}s" + (" *" if improved else ""))
         model.train()
+
+    def _select_each(self, model: Model, chosen: Metrics, target: str, st: _State, epoch: int) -> bool:
+        """Per-task selection: every behavior whose metric improved gets this epoch's weights as
+        ``best_<behavior>.pt`` (the target's also as ``best.pt``). ``best_epoch`` is the latest
+        improvement of any task, so patience stops the run once no task has improved for that long."""
+        metric = self.cfg.protocol.select_metric
+        better = []
+        for b, vals in chosen.items():
+            v = float(vals.get(metric, float("nan")))
+            if math.isfinite(v) and v > st.best_tasks.get(b, [-math.inf, 0])[0]:
+                st.best_tasks[b] = [v, epoch]
+                better.append(b)
+        if not better:
+            return False
+        state = model.state_dict()
+        for b in better:
+            torch.save(state, task_checkpoint(self.out, b))
+        if target in better or not (self.out / "best.pt").is_file():
+            torch.save(state, self.out / "best.pt")
+        st.best_epoch = epoch
+        st.best_value = sum(v for v, _ in st.best_tasks.values())
+        return True
+
+    def _finish_each(self, model: Model, graphs: Any, data: MultiBehaviorData, st: _State) -> tuple[Metrics, Metrics]:
+        """Valid and test metrics with every behavior taken from its own checkpoint."""
+        valid: Metrics = {}
+        test: Metrics = {}
+        for b in st.best_tasks:
+            model.load_state_dict(torch.load(task_checkpoint(self.out, b), map_location=self.device))
+            v, t = self._eval_splits(model, graphs, data, with_test=True)
+            if b in v:
+                valid[b] = v[b]
+            if b in t:
+                test[b] = t[b]
+        model.load_state_dict(torch.load(self.out / "best.pt", map_location=self.device))
+        return valid, test
 
     def _finish(
         self,
@@ -316,7 +360,14 @@ class Trainer:
             torch.save(model.state_dict(), self.out / "best.pt")
             st.best_epoch = st.epoch
         t0 = time.perf_counter()
-        valid, test = self._eval_splits(model, graphs, data, with_test=True)
+        each = p.select_behavior == "each" and bool(st.best_tasks)
+        if each:
+            valid, test = self._finish_each(model, graphs, data, st)
+            st.best_epoch = int(st.best_tasks.get(data.target, [0, st.best_epoch])[1])
+            best_epochs = {b: int(e) for b, (_, e) in st.best_tasks.items()}
+        else:
+            valid, test = self._eval_splits(model, graphs, data, with_test=True)
+            best_epochs = {b: st.best_epoch for b in test}
         eval_seconds = time.perf_counter() - t0
         metrics = {
             "model": self.cfg.model,
@@ -327,6 +378,7 @@ class Trainer:
             "protocol": p.as_dict(),
             "selection": p.as_dict()["selection_note"],
             "best_epoch": st.best_epoch,
+            "best_epochs": best_epochs,
             "epochs_run": st.epoch,
             "valid": valid,
             "test": test,
@@ -339,7 +391,11 @@ class Trainer:
             "history": st.history,
         }
         (self.out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-        logger.info(f"best epoch {st.best_epoch} ({p.select_metric}, {metrics['selection']})")
+        if each:
+            logger.info("best epochs per task " + ", ".join(f"{b} {e}" for b, e in best_epochs.items())
+                        + f" ({p.select_metric}, {metrics['selection']})")
+        else:
+            logger.info(f"best epoch {st.best_epoch} ({p.select_metric}, {metrics['selection']})")
         if valid:
             logger.info(_fmt_metrics("valid", valid))
         logger.info(_fmt_metrics("test", test))
@@ -362,8 +418,17 @@ def train(
     return Trainer(cfg, out_dir, data=data, quiet=quiet).run(resume=resume)
 
 
-def load_run(run_dir: str | Path, device: str | None = None) -> tuple[RunConfig, MultiBehaviorData, Model, Any]:
-    """Rebuild a finished run: its config, data, model (best weights) and graphs."""
+def task_checkpoint(run_dir: str | Path, behavior: str) -> Path:
+    """Where ``select_behavior: each`` keeps ``behavior``'s selected weights."""
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in behavior)
+    return Path(run_dir) / f"best_{safe}.pt"
+
+
+def load_run(
+    run_dir: str | Path, device: str | None = None, behavior: str | None = None
+) -> tuple[RunConfig, MultiBehaviorData, Model, Any]:
+    """Rebuild a finished run: its config, data, model (best weights) and graphs. With
+    ``behavior`` and a per-task checkpoint for it (``select_behavior: each``), those weights."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise MbrecError(f"{run_dir} is not a run folder (no config.yaml)")
@@ -376,7 +441,10 @@ def load_run(run_dir: str | Path, device: str | None = None) -> tuple[RunConfig,
     set_seed(cfg.seed)
     data = load_data(cfg)
     model = build_model(cfg, data, dev)
-    model.load_state_dict(torch.load(run_dir / "best.pt", map_location=dev))
+    weights = task_checkpoint(run_dir, behavior) if behavior else None
+    if weights is None or not weights.is_file():
+        weights = run_dir / "best.pt"
+    model.load_state_dict(torch.load(weights, map_location=dev))
     model.eval()
     graphs = model.build_graphs(data, dev)
     return cfg, data, model, graphs

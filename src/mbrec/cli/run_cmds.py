@@ -98,7 +98,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from mbrec.protocol import get_protocol
     from mbrec.config import parse_overrides
     from mbrec.report import metrics_table
-    from mbrec.train import load_run
+    from mbrec.train import load_run, task_checkpoint
 
     cfg, data, model, graphs = load_run(args.run_dir, args.device)
     protocol = get_protocol(args.protocol, **parse_overrides(args.set)) if args.protocol else get_protocol(cfg.protocol, **parse_overrides(args.set))
@@ -106,6 +106,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise MbrecError(f"dataset {data.name!r} has no validation split")
     with torch.no_grad():
         result = evaluate(model, graphs, data, protocol, args.split, memory_mb=cfg.train.eval_memory_mb)
+        own = {b: task_checkpoint(args.run_dir, b) for b in result}
+        if cfg.protocol.select_behavior == "each" and any(f.is_file() for f in own.values()):
+            # a run selected per task: every behavior from its own checkpoint, as in metrics.json
+            for b, f in own.items():
+                if f.is_file():
+                    model.load_state_dict(torch.load(f, map_location="cpu"))
+                    result[b] = evaluate(model, graphs, data, protocol, args.split,
+                                         memory_mb=cfg.train.eval_memory_mb)[b]
     out = {"run": str(args.run_dir), "model": cfg.model, "dataset": data.name, "split": args.split,
            "protocol": protocol.as_dict(), args.split: result}
     if args.json:
@@ -120,7 +128,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     from mbrec.evaluate import recommend
     from mbrec.train import load_run
 
-    cfg, data, model, graphs = load_run(args.run_dir, args.device)
+    cfg, data, model, graphs = load_run(args.run_dir, args.device, behavior=args.behavior)
     behavior = args.behavior or data.target
     if behavior not in data.behaviors:
         raise UnknownNameError(f"unknown behavior {behavior!r}; this dataset has {list(data.behaviors)}")
