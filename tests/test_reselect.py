@@ -93,5 +93,23 @@ def test_cli_groups_seed_folders_with_mean_and_std(tmp_path: Path, capsys: pytes
     assert "| BiGEL | seed1 | 8 | 0.0600 | 0.4400 |" in out
     # mean .43, sample std of (.42, .44) = .0141
     assert "**0.4300** ± 0.0141" in out
+    # a second model with the same seeds: paired t-test against the reference group
+    for seed, shift in ((0, 0.01), (1, 0.04)):
+        run = tmp_path / "Other" / f"seed{seed}"
+        run.mkdir(parents=True)
+        m = _metrics()
+        for h in m["history"]:
+            if "test" in h:
+                h["test"]["purchase"]["NDCG@5"] += shift
+        (run / "metrics.json").write_text(json.dumps(m))
+    seeds = [str(p) for p in sorted(tmp_path.glob("*/seed*"))]
+    assert main(["reselect", *seeds, "--rule", "target", "--reference", "BiGEL"]) == 0
+    out = capsys.readouterr().out
+    # purchase differences (.01, .02): mean .015, sd .00707, t = 3, df 1 -> p = 0.2048
+    assert "**0.4450** ± 0.0212 (p 0.205)" in out
+    # click is identical in both groups: t = 0, p = 1
+    assert "**0.0600** ± 0.0000 (p 1.000)" in out
+    assert main(["reselect", *seeds, "--reference", "Nope"]) == 2
+    assert "reference 'Nope' is not one of the groups" in capsys.readouterr().err
     assert main(["reselect", str(tmp_path / "nowhere")]) == 2
     assert "no metrics.json" in capsys.readouterr().err

@@ -162,16 +162,26 @@ def selection_table(
     groups: Mapping[str, list[tuple[str, Selection]]],
     columns: list[str],
     behaviors: list[str] | None = None,
+    reference: str | None = None,
 ) -> str:
     """A markdown table: one row per run, then mean ± std (sample std) per group.
 
-    ``groups`` maps a row label (e.g. the model) to ``(run label, selection)`` pairs."""
+    ``groups`` maps a row label (e.g. the model) to ``(run label, selection)`` pairs. With
+    ``reference`` (a group), every other group's mean cell also gets the two-sided paired t-test
+    p-value against it, pairing runs by label (seed folders); cells with < 2 pairs get none."""
+    from mbrec.experiment.aggregate import paired_t_test
+
+    if reference is not None and reference not in groups:
+        raise MbrecError(f"reference {reference!r} is not one of the groups {list(groups)}")
     first = next((s for runs in groups.values() for _, s in runs), None)
     if first is None:
         return "(no runs)"
     behaviors = behaviors or list(first.test)
     head = ["model", "run", "epoch(s)"] + [f"{b} {c}" for b in behaviors for c in columns]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    def values(runs: list[tuple[str, Selection]], b: str, c: str) -> dict[str, float]:
+        return {label: float(s.test[b][c]) for label, s in runs if c in s.test.get(b, {})}
+
     for name, runs in groups.items():
         cells: dict[tuple[str, str], list[float]] = {}
         for label, s in runs:
@@ -194,6 +204,13 @@ def selection_table(
                         row.append("—")
                     else:
                         sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
-                        row.append(f"**{statistics.fmean(vals):.4f}** ± {sd:.4f}")
+                        cell = f"**{statistics.fmean(vals):.4f}** ± {sd:.4f}"
+                        if reference is not None and name != reference:
+                            mine, ref = values(runs, b, c), values(groups[reference], b, c)
+                            common = sorted(set(mine) & set(ref))
+                            if len(common) >= 2:
+                                _, p = paired_t_test([mine[k] for k in common], [ref[k] for k in common])
+                                cell += f" (p {p:.3f})"
+                        row.append(cell)
             lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)

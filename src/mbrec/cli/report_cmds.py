@@ -32,6 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help="replay early stopping with this patience in epochs (default 0: the whole history)")
     p.add_argument("--columns", default=None,
                    help="comma list of metrics to show per behavior (default: the rule's metric)")
+    p.add_argument("--reference", help="group whose seeds every other group is paired with (t-test p-values)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     p.set_defaults(func=cmd_reselect)
 
@@ -66,7 +67,7 @@ def cmd_reselect(args: argparse.Namespace) -> int:
         what = {"target": "the target's", "sum": "the sum over behaviors of", "each": "each behavior's own"}
         print(f"## rule `{rule}`: {what.get(rule, rule + ' ')} {first.metric} on {args.on}"  # type: ignore[attr-defined]
               + (f", patience {args.patience}" if args.patience else ", whole history") + "\n")
-        print(selection_table(groups, columns) + "\n")  # type: ignore[arg-type]
+        print(selection_table(groups, columns, reference=args.reference) + "\n")  # type: ignore[arg-type]
     if args.json:
         print(json.dumps(out, indent=1))
     return 0
