@@ -77,15 +77,20 @@ def test_errors_say_what_is_missing() -> None:
         reselect({"target": "purchase"}, "target", "NDCG@5")
 
 
-def test_cli_groups_seed_folders_with_mean_and_std(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    for seed, shift in ((0, 0.0), (1, 0.02)):
-        run = tmp_path / "BiGEL" / f"seed{seed}"
+def _write_seeds(folder: Path, shifts: tuple[float, ...]) -> None:
+    """seed<k>/metrics.json under ``folder``: the hand history with test purchase + shifts[k]."""
+    for seed, shift in enumerate(shifts):
+        run = folder / f"seed{seed}"
         run.mkdir(parents=True)
         m = _metrics()
         for h in m["history"]:
             if "test" in h:
                 h["test"]["purchase"]["NDCG@5"] += shift
         (run / "metrics.json").write_text(json.dumps(m))
+
+
+def test_cli_groups_seed_folders_with_mean_and_std(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _write_seeds(tmp_path / "BiGEL", (0.0, 0.02))
     assert main(["reselect", str(tmp_path / "BiGEL" / "seed0"), str(tmp_path / "BiGEL" / "seed1"),
                  "--rule", "target"]) == 0
     out = capsys.readouterr().out
@@ -94,14 +99,7 @@ def test_cli_groups_seed_folders_with_mean_and_std(tmp_path: Path, capsys: pytes
     # mean .43, sample std of (.42, .44) = .0141
     assert "**0.4300** ± 0.0141" in out
     # a second model with the same seeds: paired t-test against the reference group
-    for seed, shift in ((0, 0.01), (1, 0.04)):
-        run = tmp_path / "Other" / f"seed{seed}"
-        run.mkdir(parents=True)
-        m = _metrics()
-        for h in m["history"]:
-            if "test" in h:
-                h["test"]["purchase"]["NDCG@5"] += shift
-        (run / "metrics.json").write_text(json.dumps(m))
+    _write_seeds(tmp_path / "Other", (0.01, 0.04))
     seeds = [str(p) for p in sorted(tmp_path.glob("*/seed*"))]
     assert main(["reselect", *seeds, "--rule", "target", "--reference", "BiGEL"]) == 0
     out = capsys.readouterr().out
