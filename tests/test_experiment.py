@@ -187,9 +187,17 @@ def test_experiment_resumes_and_skips(tmp_path: Path, count_train: list[bool]) -
     assert [o.status for o in outcomes].count("skipped") == 2
     assert (folder / "table.md").read_text() == md  # same seeds, same numbers
 
-    # another epoch cap would mix stale numbers: refused with the differing key
-    with pytest.raises(MbrecError, match=r"train\.epochs: 1 -> 2"):
-        run_experiment(load_spec(tiny_spec(tmp_path, set={**TINY, "train.epochs": 2})), out, log=lambda s: None)
+    # a raised epoch cap extends the runs that reached the old one (patience 0: all four) from
+    # last.pt; the result is that of a fresh run with the new cap
+    count_train.clear()
+    outcomes, _ = run_experiment(load_spec(tiny_spec(tmp_path, set={**TINY, "train.epochs": 2})), out,
+                                 log=lambda s: None)
+    assert count_train == [True] * 4 and all(o.metrics["epochs_run"] == 2 for o in outcomes)
+    fresh = mbrec.train.train(outcomes[0].plan.cfg, tmp_path / "fresh", quiet=True)
+    assert fresh["test"] == outcomes[0].metrics["test"]
+    # a lowered cap would mix stale numbers: refused with the differing key
+    with pytest.raises(MbrecError, match=r"train\.epochs: 2 -> 1"):
+        run_experiment(spec, out, log=lambda s: None)
 
 
 def test_cli_experiment_dry_run_and_epoch_cap(tmp_path: Path, capsys: pytest.CaptureFixture[str],
@@ -315,3 +323,18 @@ def test_tune_objective_follows_the_selection_rule() -> None:
     assert objective_value(m, "purchase", "NDCG@5", "sum") == pytest.approx(0.18)
     assert math.isnan(objective_value(m, "purchase", "HR@5", "sum"))
     assert math.isnan(objective_value({}, "purchase", "NDCG@5"))
+
+
+def test_raised_cap_keeps_a_run_that_stopped_early(tmp_path: Path) -> None:
+    from mbrec.experiment.runner import check_finished
+
+    plan = expand(load_spec(tiny_spec(tmp_path, set={**TINY, "train.epochs": 20})), tmp_path / "out")[0]
+    plan.folder.mkdir(parents=True)
+    old = plan.cfg.to_dict()
+    old["train"]["epochs"] = 10
+    (plan.folder / "config.yaml").write_text(yaml.safe_dump(old))
+    (plan.folder / "last.pt").write_bytes(b"")
+    (plan.folder / "metrics.json").write_text(json.dumps({"epochs_run": 4, "test": {}}))
+    assert check_finished(plan) == {"epochs_run": 4, "test": {}}  # early stop at 4 < 10: final
+    (plan.folder / "metrics.json").write_text(json.dumps({"epochs_run": 10, "test": {}}))
+    assert check_finished(plan) is None  # reached 10: to be extended to 20

@@ -2,8 +2,10 @@
 
 * A run whose ``metrics.json`` exists is **skipped** (its numbers are read back), so a killed
   experiment continues where it stopped. If that run's ``config.yaml`` differs from what the
-  spec now resolves to (another epoch cap, an edited config file), the runner stops with the
-  differing keys instead of mixing stale numbers into the table.
+  spec now resolves to (an edited config file, a lowered epoch cap), the runner stops with the
+  differing keys instead of mixing stale numbers into the table. A raised epoch cap is the
+  exception: runs that reached their old cap are **extended** from ``last.pt``, runs that
+  stopped early before it are kept as they are.
 * A run folder with ``last.pt`` but no ``metrics.json`` was interrupted mid-training; it
   continues with ``train(..., resume=True)`` (a changed epoch limit is allowed, any other change
   to its configuration is refused).
@@ -19,6 +21,7 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 from mbrec.config import read_yaml
@@ -100,20 +103,38 @@ class DataCache:
 
 
 def check_finished(plan: RunPlan) -> dict[str, Any] | None:
-    """The metrics of a finished run (after checking its config matches), else ``None``."""
+    """The metrics of a finished run (after checking its config matches), else ``None``.
+
+    Only a raised epoch limit may differ: a run that stopped early (before its old limit) is
+    final under any limit it did not reach, and a run that reached its old limit returns
+    ``None`` so that it is extended from ``last.pt`` (resumption is exact, so the result is that
+    of a fresh run with the new limit)."""
     metrics_path = plan.folder / "metrics.json"
     if not metrics_path.is_file():
         return None
     cfg_path = plan.folder / "config.yaml"
     if cfg_path.is_file():
-        diffs = config_diff(read_yaml(cfg_path), plan.cfg.to_dict())
+        old = read_yaml(cfg_path)
+        diffs = config_diff(old, plan.cfg.to_dict())
+        if diffs and all(d.startswith("train.epochs:") for d in diffs):
+            done = _read_metrics(metrics_path)
+            old_limit = int((old.get("train") or {}).get("epochs", 0))
+            ran = int(done.get("epochs_run", 0))
+            if ran < old_limit and plan.cfg.train.epochs >= ran:
+                return done  # stopped early: a higher limit changes nothing
+            if ran == old_limit and plan.cfg.train.epochs > old_limit and (plan.folder / "last.pt").is_file():
+                return None  # reached its limit: extend it
         if diffs:
             raise MbrecError(
                 f"{plan.folder} was run with a different configuration ({'; '.join(diffs[:5])}"
                 f"{' ...' if len(diffs) > 5 else ''}). Use another --out for the new settings, or delete that folder"
             )
+    return _read_metrics(metrics_path)
+
+
+def _read_metrics(metrics_path: Path) -> dict[str, Any]:
     try:
-        return json.loads(metrics_path.read_text())
+        return dict(json.loads(metrics_path.read_text()))
     except json.JSONDecodeError:
         raise MbrecError(f"{metrics_path} is not valid JSON; delete the run folder to redo it") from None
 
@@ -152,7 +173,8 @@ def run_plans(
                                  "move them away or use another --out")
             shutil.rmtree(plan.folder)
         plan.folder.parent.mkdir(parents=True, exist_ok=True)
-        say(f"[{i}/{n}] {plan.label}: {'resuming' if resume else 'training'} "
+        verb = "extending" if resume and (plan.folder / "metrics.json").is_file() else "resuming" if resume else "training"
+        say(f"[{i}/{n}] {plan.label}: {verb} "
             f"({plan.cfg.train.epochs} epochs max) -> {plan.folder}")
         t0 = time.perf_counter()
         data = cache.get(plan)
