@@ -20,7 +20,7 @@ def _seeds(text: str | None) -> tuple[int, ...] | None:
         raise ConfigError(f"--seeds expects a count (5) or a comma list (0,1,2), got {text!r}") from None
     if len(parts) == 1 and "," not in text:
         if parts[0] < 1:
-            raise ConfigError(f"--seeds count must be >= 1, got {text!r}")
+            raise ConfigError(f"--seeds count must be >= 1, got {text!r} (for one seed, write it with a comma: '{parts[0]},')")
         return tuple(range(parts[0]))
     return tuple(parts)
 
@@ -35,7 +35,7 @@ def _floats(text: str, what: str) -> list[float]:
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="experiment folder (default runs/experiments/<name>)")
     p.add_argument("--epochs", type=int, help="epoch cap for every run (a quick CPU version)")
-    p.add_argument("--seeds", help="a count (5: seeds 0-4) or a comma list; overrides the spec's seeds")
+    p.add_argument("--seeds", help="a count (5: seeds 0-4) or a comma list (0,2 or, for one seed, 3,); overrides the spec's seeds")
     p.add_argument("--device", help="cpu or cuda for every run")
     p.add_argument("--dry-run", action="store_true", help="resolve and list the runs (done / to resume / new), train nothing")
     p.add_argument("--verbose", action="store_true", help="show each run's per-epoch log")
