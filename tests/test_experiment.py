@@ -214,6 +214,11 @@ def test_cli_experiment_dry_run_and_epoch_cap(tmp_path: Path, capsys: pytest.Cap
     assert cfg["train"]["epochs"] == 1
     assert main(["experiment", str(tmp_path / "nope.yaml")]) == 2
     assert "experiment spec not found" in capsys.readouterr().err
+    # "0" is a count of zero seeds; one seed is named with a trailing comma
+    assert main(["experiment", str(spec), "--seeds", "0", "--dry-run"]) == 2
+    assert "write it with a comma: '0,'" in capsys.readouterr().err
+    assert main(["experiment", str(spec), "--out", str(tmp_path / "o"), "--seeds", "1,", "--dry-run"]) == 0
+    assert "seed 1:" in capsys.readouterr().out
 
 
 # -- noise, sweep, plots, tune ------------------------------------------------------------------
