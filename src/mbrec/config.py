@@ -108,16 +108,23 @@ def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"--set expects key=value, got {pair!r}")
-        node = out
         parts = key.strip().split(".")
-        if len(parts) > 1 and parts[0] == "protocol" and isinstance(out.get("protocol"), str):
-            out["protocol"] = {"preset": out["protocol"]}  # protocol=mmr, then protocol.ks=[5]
+        if len(parts) > 1 and parts[0] == "protocol":
+            out = _preset_as_section(out)  # protocol=mmr, then protocol.ks=[5]
+        node = out
         for p in parts[:-1]:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {pair!r}: {p!r} is not a section")
         node[parts[-1]] = parse_value(value)
     return out
+
+
+def _preset_as_section(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """``{protocol: mmr}`` -> ``{protocol: {preset: mmr}}`` so that field overrides can refine it."""
+    if isinstance(raw.get("protocol"), str):
+        return {**raw, "protocol": {"preset": raw["protocol"]}}
+    return dict(raw)
 
 
 def deep_merge(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
@@ -127,8 +134,8 @@ def deep_merge(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, A
     protocol field by field (``protocol.ks=[5]``), the refinement applies to that preset instead of
     replacing it by the default one. A string in ``extra`` still replaces the whole protocol.
     """
-    if isinstance(base.get("protocol"), str) and isinstance(extra.get("protocol"), Mapping):
-        base = {**base, "protocol": {"preset": base["protocol"]}}
+    if isinstance(extra.get("protocol"), Mapping):
+        base = _preset_as_section(base)
     out = dict(base)
     for k, v in extra.items():
         if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):

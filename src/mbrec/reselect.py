@@ -110,13 +110,12 @@ def reselect(
 
     best_val = {t: -math.inf for t in tasks}
     best: dict[str, Mapping[str, Any] | None] = {t: None for t in tasks}
-    eval_epochs = {h["epoch"] for h in evals}
     by_epoch = {h["epoch"]: h for h in evals}
     last, stopped = 0, False
     for h in metrics["history"]:
         epoch = int(h["epoch"])
         last = epoch
-        if epoch in eval_epochs:
+        if epoch in by_epoch:
             for t in tasks:
                 v = value(by_epoch[epoch], t)
                 if math.isfinite(v) and v > best_val[t]:

@@ -332,17 +332,11 @@ class Trainer:
 
     def _finish_each(self, model: Model, graphs: Any, data: MultiBehaviorData, st: _State) -> tuple[Metrics, Metrics]:
         """Valid and test metrics with every behavior taken from its own checkpoint."""
-        valid: Metrics = {}
-        test: Metrics = {}
-        for b in st.best_tasks:
-            model.load_state_dict(torch.load(task_checkpoint(self.out, b), map_location=self.device))
-            v, t = self._eval_splits(model, graphs, data, with_test=True)
-            if b in v:
-                valid[b] = v[b]
-            if b in t:
-                test[b] = t[b]
+        splits = ("valid", "test") if data.valid[data.target].nnz else ("test",)
+        out = evaluate_task_checkpoints(model, graphs, data, self.cfg.protocol, self.out, list(st.best_tasks),
+                                        splits, memory_mb=self.cfg.train.eval_memory_mb)
         model.load_state_dict(torch.load(self.out / "best.pt", map_location=self.device))
-        return valid, test
+        return out.get("valid", {}), out["test"]
 
     def _finish(
         self,
@@ -422,6 +416,35 @@ def task_checkpoint(run_dir: str | Path, behavior: str) -> Path:
     """Where ``select_behavior: each`` keeps ``behavior``'s selected weights."""
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in behavior)
     return Path(run_dir) / f"best_{safe}.pt"
+
+
+def evaluate_task_checkpoints(
+    model: Model,
+    graphs: Any,
+    data: MultiBehaviorData,
+    protocol: Any,
+    run_dir: str | Path,
+    behaviors: list[str],
+    splits: tuple[str, ...],
+    *,
+    memory_mb: float,
+) -> dict[str, Metrics]:
+    """``{split: {behavior: metrics}}`` with each behavior evaluated (alone) from its own
+    ``best_<behavior>.pt``; behaviors without such a checkpoint are left out. Leaves the last
+    loaded weights in ``model``."""
+    out: dict[str, Metrics] = {s: {} for s in splits}
+    for b in behaviors:
+        f = task_checkpoint(run_dir, b)
+        if not f.is_file():
+            continue
+        model.load_state_dict(torch.load(f, map_location=next(model.parameters()).device))
+        model.eval()
+        with torch.no_grad():
+            emb = model(graphs)
+            for split in splits:
+                out[split].update(evaluate(model, graphs, data, protocol, split, emb=emb, behaviors=(b,),
+                                           memory_mb=memory_mb))
+    return out
 
 
 def load_run(

@@ -98,7 +98,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from mbrec.protocol import get_protocol
     from mbrec.config import parse_overrides
     from mbrec.report import metrics_table
-    from mbrec.train import load_run, task_checkpoint
+    from mbrec.train import evaluate_task_checkpoints, load_run
 
     cfg, data, model, graphs = load_run(args.run_dir, args.device)
     protocol = get_protocol(args.protocol, **parse_overrides(args.set)) if args.protocol else get_protocol(cfg.protocol, **parse_overrides(args.set))
@@ -106,14 +106,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise MbrecError(f"dataset {data.name!r} has no validation split")
     with torch.no_grad():
         result = evaluate(model, graphs, data, protocol, args.split, memory_mb=cfg.train.eval_memory_mb)
-        own = {b: task_checkpoint(args.run_dir, b) for b in result}
-        if cfg.protocol.select_behavior == "each" and any(f.is_file() for f in own.values()):
+        if cfg.protocol.select_behavior == "each":
             # a run selected per task: every behavior from its own checkpoint, as in metrics.json
-            for b, f in own.items():
-                if f.is_file():
-                    model.load_state_dict(torch.load(f, map_location="cpu"))
-                    result[b] = evaluate(model, graphs, data, protocol, args.split,
-                                         memory_mb=cfg.train.eval_memory_mb)[b]
+            result.update(evaluate_task_checkpoints(model, graphs, data, protocol, args.run_dir, list(result),
+                                                    (args.split,), memory_mb=cfg.train.eval_memory_mb)[args.split])
     out = {"run": str(args.run_dir), "model": cfg.model, "dataset": data.name, "split": args.split,
            "protocol": protocol.as_dict(), args.split: result}
     if args.json:
