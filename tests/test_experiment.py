@@ -110,6 +110,11 @@ def test_spec_errors_are_clear(tmp_path: Path) -> None:
         expand(spec, tmp_path / "out")
     with pytest.raises(ConfigError, match="unknown key"):
         spec_from_dict({**base, "seed": 3})
+    # `{name: BiGEL (layers 3,3,3), model: bigel}` in YAML: the comma splits the unquoted name and
+    # leaves integer keys, which once crashed the message itself (sorted() of str and int)
+    flow = yaml.safe_load("models: [{name: BiGEL (layers 3,3,3), model: bigel}]")["models"]
+    with pytest.raises(ConfigError, match=r"models\[0\]: unknown key\(s\) 3, '3\)'.*quote that value"):
+        spec_from_dict({**base, "models": flow})
     with pytest.raises(ConfigError, match="reference 'copf' is not a model row"):
         spec_from_dict({**base, "reference": "copf"})
     with pytest.raises(ConfigError, match="duplicate model name"):

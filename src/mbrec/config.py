@@ -160,16 +160,31 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return raw
 
 
+def check_keys(found: Any, known: Any, where: str) -> None:
+    """Raise a ConfigError naming every key of ``found`` not in ``known``, with spelling hints.
+
+    Keys that are not strings (YAML read ``{name: a, b}`` as keys ``name`` and ``b``; a plain
+    scalar in a flow mapping ends at its first comma) get a hint to quote the value.
+    """
+    names = [str(k) for k in known]
+    unknown = [k for k in found if k not in known]
+    if not unknown:
+        return
+    hints = []
+    for k in unknown:
+        close = difflib.get_close_matches(str(k), names, n=1)
+        hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    text = f"{where}: unknown key(s) {', '.join(hints)}; known: {sorted(names)}"
+    if any(not isinstance(k, str) for k in unknown):
+        text += (". A non-text key usually means a comma inside an unquoted value of a "
+                 "{...} mapping (YAML splits it there): quote that value")
+    raise ConfigError(text)
+
+
 def _fill(cls: type, values: Mapping[str, Any], where: str) -> Any:
     """Instantiate dataclass ``cls`` from ``values`` with type coercion and clear errors."""
     known = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = [k for k in values if k not in known]
-    if unknown:
-        hints = []
-        for k in unknown:
-            close = difflib.get_close_matches(k, list(known), n=1)
-            hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(hints)}; known: {sorted(known)}")
+    check_keys(values, known, where)
     kwargs = {}
     for k, v in values.items():
         kwargs[k] = _coerce(v, known[k], f"{where}.{k}")

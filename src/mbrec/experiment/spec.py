@@ -39,7 +39,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from mbrec.config import RunConfig, build_config, deep_merge, parse_overrides, read_yaml
+from mbrec.config import RunConfig, build_config, check_keys, deep_merge, parse_overrides, read_yaml
 from mbrec.errors import ConfigError, MbrecError
 
 KINDS = ("table", "noise", "sweep")
@@ -195,9 +195,7 @@ def _model_entry(item: Any, where: str) -> ModelEntry:
         return ModelEntry(name=item, model=item)
     if not isinstance(item, Mapping):
         raise ConfigError(f"{where}: a model entry is a name or a mapping, got {item!r}")
-    unknown = set(item) - {"name", "model", "config", "set"}
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; known: config, model, name, set")
+    check_keys(item, {"name", "model", "config", "set"}, where)
     model = item.get("model") or item.get("name")
     if not model:
         raise ConfigError(f"{where}: a model entry needs 'model' (or 'name'): {dict(item)!r}")
@@ -213,9 +211,7 @@ def _dataset_entry(item: Any, where: str) -> DatasetEntry:
         return DatasetEntry(name=item, label=item)
     if not isinstance(item, Mapping) or "name" not in item:
         raise ConfigError(f"{where}: a dataset entry is a name or a mapping with 'name', got {item!r}")
-    unknown = set(item) - {"name", "label", "data", "data_options"}
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; known: data, data_options, label, name")
+    check_keys(item, {"name", "label", "data", "data_options"}, where)
     opts = item.get("data_options")
     if opts is not None and not isinstance(opts, Mapping):
         raise ConfigError(f"{where}.data_options must be a mapping, got {opts!r}")
@@ -226,9 +222,7 @@ def _dataset_entry(item: Any, where: str) -> DatasetEntry:
 
 def spec_from_dict(raw: Mapping[str, Any], source: Path | None = None) -> ExperimentSpec:
     where = str(source) if source else "experiment spec"
-    unknown = sorted(set(raw) - _TOP_KEYS)
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(_TOP_KEYS)}")
+    check_keys(raw, _TOP_KEYS, where)
     for key in ("models", "datasets"):
         if not isinstance(raw.get(key), list) or not raw[key]:
             raise ConfigError(f"{where}: '{key}' must be a non-empty list")
