@@ -26,6 +26,8 @@ Options for the §9.7 ambiguities (default first):
 * ``residual`` "output" | "handover" | "none": e^(k) = LGCN_k(X_k) + X_k and X_{k+1} = e^(k)
   (CRGCN-style, §5.3), or e^(k) = LGCN_k(X_k) with X_{k+1} = e^(k) + X_k, or no residual.
 * ``layers``: LightGCN depth per behavior in ``order``; default (1, 2, ..., K), i.e. JD (1, 2, 3).
+  ``configs/bigel/bvae-jd.yaml`` uses (3, 3, 3), which won a validation screen on JD
+  (``experiments/bigel-jd-tune.yaml``; ``results/bigel.md``).
 * ``global_graph`` "binary" | "multiplicity": union of all training edges, or edges weighted by how
   many behaviors hold the pair; ``global_layers`` L_g = 2.
 * ``cpa_negatives`` "in_batch" | "full": InfoNCE negatives are the other batch users (items) or
