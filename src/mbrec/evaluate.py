@@ -105,6 +105,12 @@ def chunk_size(n_items: int, memory_mb: float) -> int:
     return max(1, int(memory_mb * 2**20 // per_user))
 
 
+def task_behaviors(model: Model, data: MultiBehaviorData, protocol: Protocol) -> tuple[str, ...]:
+    """The behaviors ``evaluate`` scores by default: the target, or (``tasks="all"``) every
+    behavior the model scores."""
+    return (data.target,) if protocol.tasks == "target" else tuple(model.scored_behaviors)
+
+
 @torch.no_grad()
 def evaluate(
     model: Model,
@@ -129,7 +135,7 @@ def evaluate(
     if emb is None:
         emb = model(graphs)
     if behaviors is None:
-        behaviors = (data.target,) if protocol.tasks == "target" else model.scored_behaviors
+        behaviors = task_behaviors(model, data, protocol)
     device = next(model.parameters()).device
     held = data.split(split)
     rng = np.random.default_rng(seed)

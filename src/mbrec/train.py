@@ -144,7 +144,7 @@ class Trainer:
 
     def _check_protocol(self, data: MultiBehaviorData) -> None:
         p = self.cfg.protocol
-        if p.selection == "validation" and data.valid[data.target].nnz == 0:
+        if p.selection == "validation" and not has_valid(data):
             raise ConfigError(
                 f"dataset {data.name!r} has no validation pairs for {data.target!r}, but protocol "
                 f"{p.name!r} selects on validation. Carve one with --set data_options.carve_valid=true, "
@@ -265,7 +265,7 @@ class Trainer:
         model.eval()
         with torch.no_grad():
             emb = model(graphs)
-        valid = evaluate(model, graphs, data, p, "valid", emb=emb, memory_mb=mb) if data.valid[data.target].nnz else {}
+        valid = evaluate(model, graphs, data, p, "valid", emb=emb, memory_mb=mb) if has_valid(data) else {}
         test = evaluate(model, graphs, data, p, "test", emb=emb, memory_mb=mb) if with_test else {}
         return valid, test
 
@@ -332,7 +332,7 @@ class Trainer:
 
     def _finish_each(self, model: Model, graphs: Any, data: MultiBehaviorData, st: _State) -> tuple[Metrics, Metrics]:
         """Valid and test metrics with every behavior taken from its own checkpoint."""
-        splits = ("valid", "test") if data.valid[data.target].nnz else ("test",)
+        splits = ("valid", "test") if has_valid(data) else ("test",)
         out = evaluate_task_checkpoints(model, graphs, data, self.cfg.protocol, self.out, list(st.best_tasks),
                                         splits, memory_mb=self.cfg.train.eval_memory_mb)
         model.load_state_dict(torch.load(self.out / "best.pt", map_location=self.device))
@@ -410,6 +410,11 @@ def train(
 ) -> dict[str, Any]:
     """Train and evaluate; returns the metrics dict written to ``metrics.json``."""
     return Trainer(cfg, out_dir, data=data, quiet=quiet).run(resume=resume)
+
+
+def has_valid(data: MultiBehaviorData) -> bool:
+    """Whether the data has a validation split (held-out target pairs)."""
+    return bool(data.valid[data.target].nnz)
 
 
 def task_checkpoint(run_dir: str | Path, behavior: str) -> Path:

@@ -94,22 +94,28 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from mbrec.evaluate import evaluate
+    from mbrec.evaluate import evaluate, task_behaviors
     from mbrec.protocol import get_protocol
     from mbrec.config import parse_overrides
     from mbrec.report import metrics_table
-    from mbrec.train import evaluate_task_checkpoints, load_run
+    from mbrec.train import evaluate_task_checkpoints, has_valid, load_run, task_checkpoint
 
     cfg, data, model, graphs = load_run(args.run_dir, args.device)
     protocol = get_protocol(args.protocol, **parse_overrides(args.set)) if args.protocol else get_protocol(cfg.protocol, **parse_overrides(args.set))
-    if args.split == "valid" and data.valid[data.target].nnz == 0:
+    if args.split == "valid" and not has_valid(data):
         raise MbrecError(f"dataset {data.name!r} has no validation split")
+    tasks = task_behaviors(model, data, protocol)
+    # a run selected per task: every behavior that has its own checkpoint is evaluated from it (as in
+    # metrics.json); best.pt (loaded by load_run) serves only the others
+    own = [b for b in tasks if cfg.protocol.select_behavior == "each" and task_checkpoint(args.run_dir, b).is_file()]
+    mb = cfg.train.eval_memory_mb
     with torch.no_grad():
-        result = evaluate(model, graphs, data, protocol, args.split, memory_mb=cfg.train.eval_memory_mb)
-        if cfg.protocol.select_behavior == "each":
-            # a run selected per task: every behavior from its own checkpoint, as in metrics.json
-            result.update(evaluate_task_checkpoints(model, graphs, data, protocol, args.run_dir, list(result),
-                                                    (args.split,), memory_mb=cfg.train.eval_memory_mb)[args.split])
+        rest = tuple(b for b in tasks if b not in own)
+        found = evaluate(model, graphs, data, protocol, args.split, memory_mb=mb, behaviors=rest) if rest else {}
+        if own:
+            found.update(evaluate_task_checkpoints(model, graphs, data, protocol, args.run_dir, own,
+                                                   (args.split,), memory_mb=mb)[args.split])
+    result = {b: found[b] for b in tasks if b in found}
     out = {"run": str(args.run_dir), "model": cfg.model, "dataset": data.name, "split": args.split,
            "protocol": protocol.as_dict(), args.split: result}
     if args.json:
