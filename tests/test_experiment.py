@@ -226,6 +226,24 @@ def test_cli_experiment_dry_run_and_epoch_cap(tmp_path: Path, capsys: pytest.Cap
     assert "seed 1:" in capsys.readouterr().out
 
 
+def test_rows_split_an_experiment_and_the_full_spec_reuses_them(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                                 count_train: list[bool]) -> None:
+    spec, out = tiny_spec(tmp_path), str(tmp_path / "o")
+    assert main(["experiment", str(spec), "--out", out, "--rows", "merged", "--dry-run"]) == 0
+    listed = capsys.readouterr().out
+    assert "2 runs: 0 done, 0 to resume, 2 new" in listed and "lightgcn on" not in listed
+    assert main(["experiment", str(spec), "--out", out, "--rows", "merged"]) == 0
+    table = capsys.readouterr().out
+    assert len(count_train) == 2 and "| merged |" in table and "lightgcn |" not in table
+    # the reference row was not selected: no t-test marks against it, and no error
+    assert main(["experiment", str(spec), "--out", out]) == 0
+    assert len(count_train) == 4  # only the lightgcn rows were trained
+    full = capsys.readouterr().out
+    assert "| **lightgcn** |" in full and "merged" in full
+    assert main(["experiment", str(spec), "--rows", "merged,nope", "--dry-run"]) == 2
+    assert "no model row named ['nope']" in capsys.readouterr().err
+
+
 # -- noise, sweep, plots, tune ------------------------------------------------------------------
 def test_noise_command_writes_table_and_png(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     sets = [x for k, v in TINY.items() for x in ("--set", f"{k}={v}")]

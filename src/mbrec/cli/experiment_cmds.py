@@ -54,6 +54,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                        description="Runs every missing run of the spec (finished runs are skipped, interrupted ones "
                        "resumed) and writes table.md / table.csv / runs.csv (plus PNGs for noise and sweep specs).")
     p.add_argument("spec", help="experiment YAML (experiments/*.yaml)")
+    p.add_argument("--rows", help="comma list of model rows to run (default all); the tables then cover those "
+                   "rows, and a later run of the whole spec reuses their runs")
     _common(p)
     p.set_defaults(func=cmd_experiment)
 
@@ -120,8 +122,12 @@ def _execute(spec: Any, args: argparse.Namespace) -> int:
 
 def cmd_experiment(args: argparse.Namespace) -> int:
     from mbrec.experiment import load_spec
+    from mbrec.experiment.spec import select_rows
 
-    return _execute(load_spec(args.spec), args)
+    spec = load_spec(args.spec)
+    if args.rows is not None:
+        spec = select_rows(spec, [r.strip() for r in args.rows.split(",") if r.strip()])
+    return _execute(spec, args)
 
 
 def _grid_spec(args: argparse.Namespace, kind: str, extra: dict[str, Any]) -> Any:

@@ -33,7 +33,7 @@ import itertools
 import json
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -406,11 +406,25 @@ def expand(
     return plans
 
 
+def select_rows(spec: ExperimentSpec, names: list[str]) -> ExperimentSpec:
+    """The spec restricted to the model rows ``names`` (in the spec's order), for running part of a
+    table in one process and the rest in another. The run folders do not depend on which rows are
+    selected, so a later run of the whole spec reuses these runs. The reference row is kept only
+    when it is selected (its t-test marks need it)."""
+    known = [m.name for m in spec.models]
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+        raise ConfigError(f"experiment {spec.name!r}: no model row named {unknown or names!r}; rows: {known}")
+    models = [m for m in spec.models if m.name in names]
+    return replace(spec, models=models, reference=spec.reference if spec.reference in names else None)
+
+
 def default_out_dir(spec: ExperimentSpec) -> Path:
     return Path("runs") / "experiments" / safe_name(spec.name)
 
 
 __all__ = [
     "DatasetEntry", "ExperimentSpec", "ModelEntry", "NoiseSpec", "RunPlan", "SweepSpec",
-    "build_run_config", "default_out_dir", "expand", "load_spec", "nest", "safe_name", "spec_from_dict",
+    "build_run_config", "default_out_dir", "expand", "load_spec", "nest", "safe_name", "select_rows",
+    "spec_from_dict",
 ]

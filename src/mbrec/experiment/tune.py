@@ -110,6 +110,8 @@ def tune(
 
     ``make_config(overrides)`` builds a trial's :class:`RunConfig` from nested overrides."""
     optuna = require_optuna()
+    from mbrec.train import has_valid
+
     if train_fn is None:
         from mbrec.train import train as train_fn
     if not params:
@@ -140,7 +142,7 @@ def tune(
             data_cache.clear()
             data_cache[key] = load_dataset(cfg.data, seed=cfg.seed, **cfg.data_options)
         data = data_cache[key]
-        if data.valid[data.target].nnz == 0:
+        if not has_valid(data):
             raise ConfigError(f"dataset {data.name!r} has no validation split for {data.target!r}; tuning "
                               "never reads test: carve one with --set data_options.carve_valid=true")
         folder = out / "trials" / f"trial-{trial.number:04d}"
