@@ -12,7 +12,8 @@ import torch
 from mbrec.data.container import MultiBehaviorData
 from mbrec.errors import ConfigError
 from mbrec.models.base import get_model_class
-from mbrec.models.mbcgcn import MBCGCN, MBCGCNConfig, RandomUserSampler, lightgcn_block
+from mbrec.graph import to_device
+from mbrec.models.mbcgcn import MBCGCN, MBCGCNConfig, PretrainGCN, RandomUserSampler, lightgcn_block
 
 S2 = math.sqrt(2.0)
 
@@ -148,6 +149,40 @@ def test_pretraining_changes_first_block_start(tiny) -> None:
     # items end with larger embeddings than the N(0, 0.01²) start
     assert u1.norm() > b1.norm()
     assert torch.isfinite(i1).all()
+
+
+def test_pretrain_gcn_by_hand() -> None:
+    """The official GCN.py network as executed: leaky_relu(Â E W + b), slope 0.2, concatenated."""
+    A = torch.tensor([[0.0, 0.5], [0.5, 0.0]])
+    graph = to_device(sp.csr_matrix(A.numpy()), torch.device("cpu"), symmetric=True)
+    ego = torch.tensor([[1.0, -2.0], [3.0, 0.0]])
+    net = PretrainGCN(ego.clone(), n_layers=1, init_std=0.01)
+    with torch.no_grad():
+        net.weights[0].copy_(torch.tensor([[1.0, 0.0], [0.0, -1.0]]))
+        net.biases[0].copy_(torch.tensor([[0.5, 0.0]]))
+    # Â E = [[1.5, 0], [0.5, -1]]; · W = [[1.5, 0], [0.5, 1]]; + b = [[2, 0], [1, 1]]; all >= 0
+    out = net(graph)
+    assert torch.allclose(out, torch.tensor([[1.0, -2.0, 2.0, 0.0], [3.0, 0.0, 1.0, 1.0]]))
+    with torch.no_grad():
+        net.biases[0].copy_(torch.tensor([[-3.0, 0.0]]))
+    # first column becomes [-1.5, -2.5] -> leaky slope 0.2
+    assert torch.allclose(net(graph)[:, 2], torch.tensor([-0.3, -0.5]))
+
+
+def test_pretrain_model_gcn_runs_and_is_checked(tiny) -> None:
+    torch.manual_seed(0)
+    model = MBCGCN(tiny, MBCGCNConfig(embedding_dim=8, layers=1, batch_size=8, pretrain_epochs=3,
+                                      pretrain_model="gcn", pretrain_lr=0.05))
+    before = model.user_emb.detach().clone()
+    lines: list[str] = []
+    model.on_train_start(tiny, model.build_graphs(tiny, torch.device("cpu")), torch.device("cpu"), log=lines.append)
+    assert "3-layer GCN (official GCN.py as executed) on 'view'" in lines[0]
+    assert not torch.allclose(before, model.user_emb) and torch.isfinite(model.item_emb).all()
+    # only the ego table is handed over: the model has no extra parameters afterwards
+    assert {n for n, _ in model.named_parameters()} == {n for n, _ in MBCGCN(tiny, MBCGCNConfig(
+        embedding_dim=8, layers=1)).named_parameters()}
+    with pytest.raises(ConfigError, match="pretrain_model"):
+        MBCGCN(tiny, MBCGCNConfig(pretrain_model="ngcf"))
 
 
 def test_random_user_sampler(tiny) -> None:

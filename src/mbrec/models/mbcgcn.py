@@ -19,9 +19,17 @@ Official-code behaviour kept as the default (and the switches):
     ``sampler="interactions"``: every target interaction once per epoch (PyTorch LightGCN).
   * Regulariser: ``reg_weight * (1/2 sum of squares of the batch's ego embeddings and of the
     transfer matrices) / batch``, as coded (the paper states plain L2 on all parameters).
-  * ``pretrain_epochs > 0``: pretrain a LightGCN (``pretrain_layers`` layers, same loss and
-    optimiser) on the first behavior's graph and start the first block from its embeddings,
-    as the README does (it pretrains 1000 epochs on view; default here 0 = random init).
+  * ``pretrain_epochs > 0``: pretrain on the first behavior's graph (``pretrain_layers`` layers,
+    same BPR + ego-L2 loss, Adam) and start the first block from the pretrained ego embeddings,
+    as the README does (it pretrains up to 1000 epochs on view; default here 0 = random init).
+    ``pretrain_model`` picks the pretraining network:
+      - ``lightgcn`` (default): mean of ``E, ÂE, ..., Â^L E``, as the README and the paper describe;
+      - ``gcn``: what the official ``GCN.py`` runs as Python executes it. The file defines
+        ``_create_gcn_embed`` twice and the second definition wins: ``E_{k+1} =
+        leaky_relu(Â E_k W_k + b_k)`` (slope 0.2, TF's default; ``W_k``, ``b_k`` ~ N(0, 0.01²),
+        not regularised) and the **concatenation** ``[E_0 | E_1 | ... | E_L]`` is scored. Only
+        the ego table ``E_0`` is handed to MB-CGCN.
+    Measured cost and effect: ``results/baselines.md``, ``benchmarks/baselines.md``.
   * Scores only the target behavior.
 """
 
@@ -62,6 +70,8 @@ class MBCGCNConfig(ModelConfig):
     pretrain_epochs: int = 0
     pretrain_layers: int = 3
     pretrain_lr: float = 1e-3
+    #: ``lightgcn`` (README / paper) or ``gcn`` (official GCN.py as executed: see the docstring)
+    pretrain_model: str = "lightgcn"
 
 
 def lightgcn_block(graph: SparseGraph, x: torch.Tensor, n_layers: int) -> torch.Tensor:
@@ -104,6 +114,28 @@ class InteractionSampler:
     def epoch(self, rng: np.random.Generator) -> Iterator[dict[str, np.ndarray]]:
         for u, p, n in interaction_triplets(self.R, self.exclude, self.batch_size, rng):
             yield {"users": u, "pos": p, "neg": n}
+
+
+class PretrainGCN(nn.Module):
+    """The official ``GCN.py`` pretraining network as Python runs it: ``E_{k+1} = leaky_relu(Â E_k
+    W_k + b_k)`` and the concatenation of ``E_0..E_L``; ``E_0`` is the ego table it pretrains."""
+
+    def __init__(self, ego: torch.Tensor, n_layers: int, init_std: float) -> None:
+        super().__init__()
+        d = ego.shape[1]
+        self.ego = nn.Parameter(ego)
+        self.weights = nn.ParameterList(
+            [nn.Parameter(torch.randn(d, d, device=ego.device) * init_std) for _ in range(n_layers)])
+        self.biases = nn.ParameterList(
+            [nn.Parameter(torch.randn(1, d, device=ego.device) * init_std) for _ in range(n_layers)])
+
+    def forward(self, graph: SparseGraph) -> torch.Tensor:
+        h = self.ego
+        outs = [h]
+        for w, b in zip(self.weights, self.biases):
+            h = torch.nn.functional.leaky_relu(graph @ h @ w + b, negative_slope=0.2)
+            outs.append(h)
+        return torch.cat(outs, 1)
 
 
 def make_triplet_sampler(kind: str, R: sp.csr_matrix, batch_size: int) -> RandomUserSampler | InteractionSampler:
@@ -165,6 +197,8 @@ class MBCGCN(Model):
             )
         if config.sampler not in ("random_users", "interactions"):
             raise ConfigError(f"mbcgcn: sampler = {config.sampler!r}; allowed: ['random_users', 'interactions']")
+        if config.pretrain_model not in ("lightgcn", "gcn"):
+            raise ConfigError(f"mbcgcn: pretrain_model = {config.pretrain_model!r}; allowed: ['lightgcn', 'gcn']")
         d, std = config.embedding_dim, config.init_std
         self.user_emb = nn.Parameter(torch.randn(self.n_users, d) * std)
         self.item_emb = nn.Parameter(torch.randn(self.n_items, d) * std)
@@ -214,8 +248,8 @@ class MBCGCN(Model):
         device: torch.device,
         log: Callable[[str], None] | None = None,
     ) -> None:
-        """LightGCN pretraining of the first block's embeddings (``pretrain_epochs > 0``); the mean
-        BPR loss and time of every 10th pretraining epoch (and the first and last) go to ``log``."""
+        """Pretraining of the first block's embeddings (``pretrain_epochs > 0``, network
+        ``pretrain_model``); the mean BPR loss and time of every 10th pretraining epoch (and the first and last) go to ``log``."""
         cfg = self.config
         if cfg.pretrain_epochs <= 0:
             return
@@ -224,19 +258,22 @@ class MBCGCN(Model):
         rng = np.random.default_rng(seed)
         first = self.behaviors[0]
         sampler = make_triplet_sampler(cfg.sampler, data.train[first], cfg.batch_size)
-        eu = nn.Parameter(torch.randn(self.n_users, cfg.embedding_dim, device=device) * cfg.init_std)
-        ei = nn.Parameter(torch.randn(self.n_items, cfg.embedding_dim, device=device) * cfg.init_std)
-        opt = torch.optim.Adam([eu, ei], lr=cfg.pretrain_lr)
-        first_name = self.behaviors[0]
-        log(f"pretraining a {cfg.pretrain_layers}-layer LightGCN on {first_name!r} for {cfg.pretrain_epochs} epochs "
+        ego = torch.cat([torch.randn(self.n_users, cfg.embedding_dim, device=device) * cfg.init_std,
+                         torch.randn(self.n_items, cfg.embedding_dim, device=device) * cfg.init_std])
+        net = PretrainGCN(ego, cfg.pretrain_layers, cfg.init_std) if cfg.pretrain_model == "gcn" else None
+        table = net.ego if net is not None else nn.Parameter(ego)
+        opt = torch.optim.Adam(net.parameters() if net is not None else [table], lr=cfg.pretrain_lr)
+        kind = "GCN (official GCN.py as executed)" if net is not None else "LightGCN"
+        log(f"pretraining a {cfg.pretrain_layers}-layer {kind} on {first!r} for {cfg.pretrain_epochs} epochs "
             f"(lr {cfg.pretrain_lr}); the first block starts from its embeddings")
         t_all = time.perf_counter()
         for ep in range(1, cfg.pretrain_epochs + 1):
             t0, total, n = time.perf_counter(), 0.0, 0
             for b in sampler.epoch(rng):
                 tb = {k: torch.as_tensor(v, device=device) for k, v in b.items()}
-                out = lightgcn_block(graphs[0], torch.cat([eu, ei], 0), cfg.pretrain_layers)
+                out = net(graphs[0]) if net is not None else lightgcn_block(graphs[0], table, cfg.pretrain_layers)
                 u, i = split_nodes(out, self.n_users)
+                eu, ei = split_nodes(table, self.n_users)
                 terms = bpr_l2_loss(u, i, eu, ei, tb, cfg.reg_weight)
                 opt.zero_grad()
                 terms["loss"].backward()
@@ -246,5 +283,6 @@ class MBCGCN(Model):
                 log(f"pretrain epoch {ep:4d} | loss {total / max(n, 1):.4f} | {time.perf_counter() - t0:.1f}s")
         log(f"pretraining done in {time.perf_counter() - t_all:.0f}s")
         with torch.no_grad():
-            self.user_emb.copy_(eu.detach())
-            self.item_emb.copy_(ei.detach())
+            eu, ei = split_nodes(table.detach(), self.n_users)
+            self.user_emb.copy_(eu)
+            self.item_emb.copy_(ei)
