@@ -23,12 +23,18 @@ Official-code behaviour kept as the default (and the switches):
     same BPR + ego-L2 loss, Adam) and start the first block from the pretrained ego embeddings,
     as the README does (it pretrains up to 1000 epochs on view; default here 0 = random init).
     ``pretrain_model`` picks the pretraining network:
-      - ``lightgcn`` (default): mean of ``E, ÂE, ..., Â^L E``, as the README and the paper describe;
+      - ``lightgcn`` (default): mean of ``E, ÂE, ..., Â^L E``: the first ``_create_gcn_embed`` of
+        ``GCN.py``, and the pretraining our reference specification names;
       - ``gcn``: what the official ``GCN.py`` runs as Python executes it. The file defines
         ``_create_gcn_embed`` twice and the second definition wins: ``E_{k+1} =
         leaky_relu(Â E_k W_k + b_k)`` (slope 0.2, TF's default; ``W_k``, ``b_k`` ~ N(0, 0.01²),
         not regularised) and the **concatenation** ``[E_0 | E_1 | ... | E_L]`` is scored. Only
         the ego table ``E_0`` is handed to MB-CGCN.
+    Either way mbrec runs exactly ``pretrain_epochs`` and hands over the last table. ``GCN.py``
+    instead tests recall@20 on the view test file every 10 epochs, stops after 10 checks without
+    a gain and saves the best; and it saves under ``weights/view/GCN/...`` while ``MBCGCN.py``
+    loads from ``weights/<behavior>/MBCGCN/...`` (and fails on a missing one), so the released
+    scripts only connect after moving the checkpoint by hand.
     Measured cost and effect: ``results/baselines.md``, ``benchmarks/baselines.md``.
   * Scores only the target behavior.
 """
