@@ -1,12 +1,12 @@
 """RMBRec training-epoch time on crgcn-beibei at the official settings (median of N epochs).
 
-    python benchmarks/bench_rmbrec.py [--epochs 5] [--threads 2] [--torch-kernel] [--data crgcn-beibei]
+    python benchmarks/bench_rmbrec.py [--epochs 5] [--threads 2] [--kernel torch|scipy] [--data crgcn-beibei]
 
 Official settings: configs/rmbrec/crgcn-beibei.yaml (batch 1024 users, 3 layers, 3 behaviors,
 lambda_cl 0.8, REx). An epoch is what the trainer times: sampling, loss, backward and the Adam
 step for every batch (no evaluation). Prints wall time and process CPU time per epoch (on a
 shared machine the CPU time is the steadier number) and the load average, then one Markdown row.
-``--torch-kernel`` runs the fused layers on torch's CSR product instead of SciPy's (CPU).
+``--kernel`` picks the fused layers' CPU product (``model_args.cpu_kernel``; default: the config's).
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import torch
 
 from mbrec.config import build_config
 from mbrec.data.registry import load_dataset
-from mbrec.models.rmbrec import BehaviorGraph
 from mbrec.train import build_model, set_seed
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "rmbrec" / "crgcn-beibei.yaml"
@@ -33,19 +32,18 @@ def main() -> None:
     ap.add_argument("--data", default="crgcn-beibei")
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    ap.add_argument("--torch-kernel", action="store_true")
+    ap.add_argument("--kernel", choices=["torch", "scipy"], help="model_args.cpu_kernel (default: the config's)")
     ap.add_argument("--set", nargs="*", default=[], help="config overrides, e.g. model_args.orm=irm_v1_code")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
-    cfg = build_config("rmbrec", a.data, config_file=CONFIG, overrides=a.set)
+    overrides = list(a.set) + ([f"model_args.cpu_kernel={a.kernel}"] if a.kernel else [])
+    cfg = build_config("rmbrec", a.data, config_file=CONFIG, overrides=overrides)
     data = load_dataset(a.data, seed=cfg.seed, **cfg.data_options)
     set_seed(cfg.seed)
     device = torch.device("cpu")
     model = build_model(cfg, data, device)
     graphs = model.build_graphs(data, device)
-    if a.torch_kernel:
-        graphs = [BehaviorGraph(g.sparse, None) for g in graphs]
     sampler = model.make_sampler(data)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     rng = np.random.default_rng(cfg.seed)
@@ -66,7 +64,7 @@ def main() -> None:
         losses.append(total / n)
         print(f"epoch {epoch}: {walls[-1]:.1f} s wall, {cpus[-1]:.1f} s CPU, loss {losses[-1]:.4f}, "
               f"load {os.getloadavg()[0]:.1f}", flush=True)
-    kernel = "torch CSR" if a.torch_kernel else "SciPy CSR (CPU fast path)"
+    kernel = {"torch": "torch CSR", "scipy": "SciPy CSR + batch-row last layer"}[model.cfg.cpu_kernel]
     print(
         f"| rmbrec | {a.data} | {kernel} | threads {torch.get_num_threads()} | {len(walls)} epochs | "
         f"median {statistics.median(walls):.1f} s wall | median {statistics.median(cpus):.1f} s CPU | "

@@ -221,15 +221,12 @@ def test_fused_layer_gradient_equals_autograd_through_normalize() -> None:
     assert not RMBRec(small_data(), RMBRecConfig(orm="irm_v2_code")).fused_layers
 
 
-def test_cpu_fast_path_equals_torch_path() -> None:
-    """SciPy kernels + last layer on the batch rows only == torch CSR on every row."""
-    from mbrec.models.rmbrec import BehaviorGraph
-
+def test_scipy_kernel_equals_torch_kernel() -> None:
+    """cpu_kernel=scipy (SciPy + last layer on the batch rows only) == torch CSR on every row."""
     out = []
-    for fast in (True, False):
-        m, g = make()
-        if not fast:
-            g = [BehaviorGraph(x.sparse, None) for x in g]
+    for kernel in ("scipy", "torch"):
+        m, g = make(cpu_kernel=kernel)
+        assert all((x.csr is not None) == (kernel == "scipy") for x in g)
         terms = values(m.loss(g, batch()))
         m.loss(g, batch())["loss"].backward()
         with torch.no_grad():

@@ -37,9 +37,12 @@ Regularisation as coded: ``reg * sum_b 1/2(|p_u|^2 + |q_i|^2 + |q_j|^2) / batch`
 *propagated* per-behavior rows, plus the trainer's Adam weight decay (1e-3) on every parameter.
 
 Speed (same values as the plain path, tested): the official layer ``rownorm(A x)`` is one
-autograd function with a fused backward; on CPU its products use SciPy's CSR kernels, and the
-last layer is computed only for the rows the batch reads (``A[S] x`` forward, ``A[S]^T g``
-backward), which removes most of one layer's work per behavior and step.
+autograd function with a fused backward. On CPU (``cpu_kernel: scipy``, the default) its
+products use SciPy's CSR kernels and the last layer is computed only for the rows the batch reads
+(``A[S] x`` forward, ``A[S]^T g`` backward); ``cpu_kernel: torch`` uses torch's CSR kernel on
+every row, as on GPU. Which is faster depends on the machine: SciPy took 43% less CPU on the
+first sessions' CPU, torch 22% less (one thread) and 45% less wall time (two threads) on the fifth
+session's (``benchmarks/rmbrec.md``); time both with ``benchmarks/bench_rmbrec.py --kernel``.
 """
 
 from __future__ import annotations
@@ -66,6 +69,7 @@ _CHOICES = {
     "orm": ("rex", "irm_v1_code", "irm_v2_code", "irm_v1_paper", "irm_v2_paper"),
     "rex_variance": ("unbiased", "population"),
     "padding": ("faithful", "masked"),
+    "cpu_kernel": ("scipy", "torch"),
 }
 
 
@@ -88,6 +92,11 @@ class RMBRecConfig(ModelConfig):
     init_std: float = 0.1
     degree_eps: float = 1e-7
     drop_behaviors: list[str] = field(default_factory=list)
+    #: CPU product of the fused layers: ``scipy`` (SciPy's single-threaded CSR kernel plus a
+    #: last layer on the batch rows only) or ``torch`` (torch's CSR kernel, multi-threaded);
+    #: same values. Which is faster depends on the machine (``benchmarks/rmbrec.md``); GPUs
+    #: always use torch.
+    cpu_kernel: str = "scipy"
 
 
 class UserTripletSampler:
@@ -124,9 +133,9 @@ def bpr_dw(x: torch.Tensor, w: torch.Tensor | float) -> torch.Tensor:
 @dataclass(frozen=True)
 class BehaviorGraph:
     """One behavior's normalised adjacency ``[N, N]`` (symmetric): ``sparse`` for
-    :func:`mbrec.graph.spmm` on any device and, on CPU, ``csr`` (SciPy) for the fused layers,
-    whose row slices and transposed products need no conversion (on CPU SciPy's kernels take
-    less time than torch's CSR product, and ``A[S].T @ g`` is cheap, which torch's CSC path is not)."""
+    :func:`mbrec.graph.spmm` on any device and, with ``cpu_kernel: scipy`` (default) on CPU,
+    ``csr`` (SciPy) for the fused layers, whose row slices and transposed products need no
+    conversion (``A[S].T @ g`` is cheap there, which torch's CSC path is not)."""
 
     sparse: SparseGraph
     csr: sp.csr_matrix | None
@@ -228,8 +237,8 @@ class RMBRec(Model):
                 R = sp.csr_matrix((R.data, R.indices, np.append(R.indptr, R.indptr[-1])), shape=(self.n_u, self.n_i))
             A = normalize_sym(bipartite(R), degree_eps=self.cfg.degree_eps)
             A.sort_indices()
-            on_cpu = torch.device(device).type == "cpu"
-            graphs.append(BehaviorGraph(to_device(A, device, symmetric=True), A if on_cpu else None))
+            scipy_path = torch.device(device).type == "cpu" and self.cfg.cpu_kernel == "scipy"
+            graphs.append(BehaviorGraph(to_device(A, device, symmetric=True), A if scipy_path else None))
         return graphs
 
     def make_sampler(self, data: MultiBehaviorData) -> UserTripletSampler:
