@@ -76,8 +76,12 @@ class MBCGCNConfig(ModelConfig):
     pretrain_epochs: int = 0
     pretrain_layers: int = 3
     pretrain_lr: float = 1e-3
-    #: ``lightgcn`` (README / paper) or ``gcn`` (official GCN.py as executed: see the docstring)
+    #: pretraining network: ``lightgcn`` (our reference specification) or ``gcn`` (the official
+    #: GCN.py as Python executes it); see the module docstring
     pretrain_model: str = "lightgcn"
+
+
+_CHOICES = {"sampler": ("random_users", "interactions"), "pretrain_model": ("lightgcn", "gcn")}
 
 
 def lightgcn_block(graph: SparseGraph, x: torch.Tensor, n_layers: int) -> torch.Tensor:
@@ -201,10 +205,9 @@ class MBCGCN(Model):
                 f"mbcgcn: layers = {list(self.layers)} needs one non-negative depth per behavior "
                 f"{list(self.behaviors)} (or a single int)"
             )
-        if config.sampler not in ("random_users", "interactions"):
-            raise ConfigError(f"mbcgcn: sampler = {config.sampler!r}; allowed: ['random_users', 'interactions']")
-        if config.pretrain_model not in ("lightgcn", "gcn"):
-            raise ConfigError(f"mbcgcn: pretrain_model = {config.pretrain_model!r}; allowed: ['lightgcn', 'gcn']")
+        for key, allowed in _CHOICES.items():
+            if getattr(config, key) not in allowed:
+                raise ConfigError(f"mbcgcn: {key} = {getattr(config, key)!r}; allowed: {list(allowed)}")
         d, std = config.embedding_dim, config.init_std
         self.user_emb = nn.Parameter(torch.randn(self.n_users, d) * std)
         self.item_emb = nn.Parameter(torch.randn(self.n_items, d) * std)
@@ -255,7 +258,8 @@ class MBCGCN(Model):
         log: Callable[[str], None] | None = None,
     ) -> None:
         """Pretraining of the first block's embeddings (``pretrain_epochs > 0``, network
-        ``pretrain_model``); the mean BPR loss and time of every 10th pretraining epoch (and the first and last) go to ``log``."""
+        ``pretrain_model``); the mean BPR loss and time of every 10th pretraining epoch (and the
+        first and last) go to ``log``."""
         cfg = self.config
         if cfg.pretrain_epochs <= 0:
             return
