@@ -25,6 +25,11 @@ def _seeds(text: str | None) -> tuple[int, ...] | None:
     return tuple(parts)
 
 
+def _names(text: str) -> list[str]:
+    """``"a, b,"`` -> ``["a", "b"]``."""
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
 def _floats(text: str, what: str) -> list[float]:
     try:
         return [float(x.strip().rstrip("%")) / (100.0 if x.strip().endswith("%") else 1.0) for x in text.split(",") if x.strip()]
@@ -126,7 +131,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
 
     spec = load_spec(args.spec)
     if args.rows is not None:
-        spec = select_rows(spec, [r.strip() for r in args.rows.split(",") if r.strip()])
+        spec = select_rows(spec, _names(args.rows))
     return _execute(spec, args)
 
 
@@ -152,7 +157,7 @@ def _grid_spec(args: argparse.Namespace, kind: str, extra: dict[str, Any]) -> An
 def cmd_noise(args: argparse.Namespace) -> int:
     noise: dict[str, Any] = {"ratios": _floats(args.ratios, "--ratios")}
     if args.behaviors:
-        noise["behaviors"] = [b.strip() for b in args.behaviors.split(",") if b.strip()]
+        noise["behaviors"] = _names(args.behaviors)
     return _execute(_grid_spec(args, "noise", {"noise": noise}), args)
 
 

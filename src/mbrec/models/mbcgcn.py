@@ -81,7 +81,7 @@ class MBCGCNConfig(ModelConfig):
     pretrain_model: str = "lightgcn"
 
 
-_CHOICES = {"sampler": ("random_users", "interactions"), "pretrain_model": ("lightgcn", "gcn")}
+_CHOICES = {"sampler": ("random_users", "interactions"), "pretrain_model": ("lightgcn", "gcn")}  # see _PRETRAIN_NETS
 
 
 def lightgcn_block(graph: SparseGraph, x: torch.Tensor, n_layers: int) -> torch.Tensor:
@@ -126,9 +126,25 @@ class InteractionSampler:
             yield {"users": u, "pos": p, "neg": n}
 
 
+class PretrainLightGCN(nn.Module):
+    """LightGCN pretraining network: the mean of ``E, ÂE, ..., Â^L E``; ``E`` is the ego table."""
+
+    label = "LightGCN"
+
+    def __init__(self, ego: torch.Tensor, n_layers: int, init_std: float) -> None:
+        super().__init__()
+        self.ego = nn.Parameter(ego)
+        self.n_layers = n_layers
+
+    def forward(self, graph: SparseGraph) -> torch.Tensor:
+        return lightgcn_block(graph, self.ego, self.n_layers)
+
+
 class PretrainGCN(nn.Module):
     """The official ``GCN.py`` pretraining network as Python runs it: ``E_{k+1} = leaky_relu(Â E_k
     W_k + b_k)`` and the concatenation of ``E_0..E_L``; ``E_0`` is the ego table it pretrains."""
+
+    label = "GCN (official GCN.py as executed)"
 
     def __init__(self, ego: torch.Tensor, n_layers: int, init_std: float) -> None:
         super().__init__()
@@ -146,6 +162,9 @@ class PretrainGCN(nn.Module):
             h = torch.nn.functional.leaky_relu(graph @ h @ w + b, negative_slope=0.2)
             outs.append(h)
         return torch.cat(outs, 1)
+
+
+_PRETRAIN_NETS = {"lightgcn": PretrainLightGCN, "gcn": PretrainGCN}
 
 
 def make_triplet_sampler(kind: str, R: sp.csr_matrix, batch_size: int) -> RandomUserSampler | InteractionSampler:
@@ -270,20 +289,17 @@ class MBCGCN(Model):
         sampler = make_triplet_sampler(cfg.sampler, data.train[first], cfg.batch_size)
         ego = torch.cat([torch.randn(self.n_users, cfg.embedding_dim, device=device) * cfg.init_std,
                          torch.randn(self.n_items, cfg.embedding_dim, device=device) * cfg.init_std])
-        net = PretrainGCN(ego, cfg.pretrain_layers, cfg.init_std) if cfg.pretrain_model == "gcn" else None
-        table = net.ego if net is not None else nn.Parameter(ego)
-        opt = torch.optim.Adam(net.parameters() if net is not None else [table], lr=cfg.pretrain_lr)
-        kind = "GCN (official GCN.py as executed)" if net is not None else "LightGCN"
-        log(f"pretraining a {cfg.pretrain_layers}-layer {kind} on {first!r} for {cfg.pretrain_epochs} epochs "
+        net = _PRETRAIN_NETS[cfg.pretrain_model](ego, cfg.pretrain_layers, cfg.init_std)
+        opt = torch.optim.Adam(net.parameters(), lr=cfg.pretrain_lr)
+        log(f"pretraining a {cfg.pretrain_layers}-layer {net.label} on {first!r} for {cfg.pretrain_epochs} epochs "
             f"(lr {cfg.pretrain_lr}); the first block starts from its embeddings")
         t_all = time.perf_counter()
         for ep in range(1, cfg.pretrain_epochs + 1):
             t0, total, n = time.perf_counter(), 0.0, 0
             for b in sampler.epoch(rng):
                 tb = {k: torch.as_tensor(v, device=device) for k, v in b.items()}
-                out = net(graphs[0]) if net is not None else lightgcn_block(graphs[0], table, cfg.pretrain_layers)
-                u, i = split_nodes(out, self.n_users)
-                eu, ei = split_nodes(table, self.n_users)
+                u, i = split_nodes(net(graphs[0]), self.n_users)
+                eu, ei = split_nodes(net.ego, self.n_users)
                 terms = bpr_l2_loss(u, i, eu, ei, tb, cfg.reg_weight)
                 opt.zero_grad()
                 terms["loss"].backward()
@@ -293,6 +309,6 @@ class MBCGCN(Model):
                 log(f"pretrain epoch {ep:4d} | loss {total / max(n, 1):.4f} | {time.perf_counter() - t0:.1f}s")
         log(f"pretraining done in {time.perf_counter() - t_all:.0f}s")
         with torch.no_grad():
-            eu, ei = split_nodes(table.detach(), self.n_users)
+            eu, ei = split_nodes(net.ego.detach(), self.n_users)
             self.user_emb.copy_(eu)
             self.item_emb.copy_(ei)
