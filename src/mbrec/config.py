@@ -28,6 +28,7 @@ import yaml
 
 from mbrec.errors import ConfigError
 from mbrec.models.base import ModelConfig, get_model_class
+from mbrec.options import check_options, option
 from mbrec.protocol import Protocol, get_protocol
 
 
@@ -35,23 +36,18 @@ from mbrec.protocol import Protocol, get_protocol
 class TrainConfig:
     """Trainer settings. ``patience`` and ``epochs`` count epochs."""
 
-    epochs: int = 100
-    #: stop when ``epoch - best_epoch > patience`` (RMBRec's rule); 0 disables early stopping
-    patience: int = 20
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    #: staircase decay: ``lr * lr_decay ** (step // lr_decay_steps)`` (COPF/PKEF); 0 = off
-    lr_decay: float = 1.0
-    lr_decay_steps: int = 0
-    #: evaluate every N epochs, starting after epoch ``eval_start`` (epoch 0 = before training)
-    eval_every: int = 1
-    eval_start: int = 1
-    #: also evaluate the test split at each evaluation (for curves); otherwise only at the end
-    test_every_eval: bool = False
-    eval_memory_mb: float = 512.0
-    #: ``None``: a progress bar only on an interactive terminal outside CI
-    progress: bool | None = None
-    grad_clip: float = 0.0
+    epochs: int = option(100, min=0, doc="training epochs")
+    patience: int = option(20, min=0, doc="stop when epoch - best_epoch > patience (RMBRec's rule); 0 disables early stopping")
+    lr: float = option(1e-3, min=0, doc="Adam learning rate (0 freezes the weights)")
+    weight_decay: float = option(0.0, min=0, doc="Adam weight decay")
+    lr_decay: float = option(1.0, gt=0, max=1, doc="staircase decay lr * lr_decay ** (step // lr_decay_steps) (COPF/PKEF)")
+    lr_decay_steps: int = option(0, min=0, doc="steps per decay stair; 0 = no decay")
+    eval_every: int = option(1, min=1, doc="evaluate every N epochs")
+    eval_start: int = option(1, min=0, doc="first evaluated epoch (0 = before training)")
+    test_every_eval: bool = option(False, doc="also evaluate the test split at each evaluation (for curves)")
+    eval_memory_mb: float = option(512.0, gt=0, doc="memory budget of one chunk of full-ranking scores")
+    progress: bool | None = option(None, doc="progress bar; None: only on an interactive terminal outside CI")
+    grad_clip: float = option(0.0, min=0, doc="clip the gradient norm to this value; 0 = off")
 
 
 @dataclass
@@ -189,9 +185,11 @@ def _fill(cls: type, values: Mapping[str, Any], where: str) -> Any:
     for k, v in values.items():
         kwargs[k] = _coerce(v, known[k], f"{where}.{k}")
     try:
-        return cls(**kwargs)
+        obj = cls(**kwargs)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{where}: {e}") from None
+    check_options(obj, where.split(" ")[0])
+    return obj
 
 
 def _coerce(value: Any, f: dataclasses.Field, where: str) -> Any:  # type: ignore[type-arg]

@@ -25,6 +25,7 @@ from torch import nn
 
 from mbrec.data.container import MultiBehaviorData
 from mbrec.errors import UnknownNameError
+from mbrec.options import check_options, option
 
 Batch = Mapping[str, np.ndarray]
 
@@ -33,7 +34,7 @@ Batch = Mapping[str, np.ndarray]
 class ModelConfig:
     """Fields every model has; subclasses add their own."""
 
-    embedding_dim: int = 64
+    embedding_dim: int = option(64, min=1, doc="embedding size d")
 
 
 class Sampler(Protocol):
@@ -54,6 +55,7 @@ class Model(nn.Module):
 
     def __init__(self, data: MultiBehaviorData, config: ModelConfig) -> None:
         super().__init__()
+        check_options(config, "model_args")
         self.config = config
         self.n_users = data.n_users
         self.n_items = data.n_items
