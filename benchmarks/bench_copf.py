@@ -21,7 +21,8 @@ import torch
 from mbrec.config import build_config
 from mbrec.data.registry import load_dataset
 from mbrec.evaluate import evaluate
-from mbrec.train import build_model, set_seed
+from mbrec.rundir import build_model
+from mbrec.train import set_seed, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,10 +45,7 @@ def bench(model_name: str, name: str, steps: int, do_eval: bool) -> dict[str, fl
         t0 = time.perf_counter()
         batch = next(it)
         t1 = time.perf_counter()
-        terms = model.loss(graphs, {k: torch.as_tensor(v) for k, v in batch.items()})
-        opt.zero_grad()
-        terms["loss"].backward()
-        opt.step()
+        train_step(model, graphs, batch, opt, device)
         t2 = time.perf_counter()
         if i > 0:
             times.append(t2 - t0)

@@ -18,7 +18,8 @@ import torch
 from mbrec.config import build_config
 from mbrec.data.registry import load_dataset
 from mbrec.evaluate import evaluate
-from mbrec.train import build_model, set_seed
+from mbrec.rundir import build_model
+from mbrec.train import set_seed, train_epoch
 
 
 def bench(name: str, repeats: int) -> dict[str, float]:
@@ -36,11 +37,7 @@ def bench(name: str, repeats: int) -> dict[str, float]:
     epochs, evals = [], []
     for _ in range(repeats):
         t = time.perf_counter()
-        for batch in sampler.epoch(rng):
-            terms = model.loss(graphs, {k: torch.as_tensor(v) for k, v in batch.items()})
-            opt.zero_grad()
-            terms["loss"].backward()
-            opt.step()
+        train_epoch(model, graphs, sampler, opt, rng, device)
         epochs.append(time.perf_counter() - t)
         t = time.perf_counter()
         evaluate(model, graphs, data, cfg.protocol, "test")

@@ -22,7 +22,8 @@ import torch
 
 from mbrec.config import build_config
 from mbrec.data.registry import load_dataset
-from mbrec.train import build_model, set_seed
+from mbrec.rundir import build_model
+from mbrec.train import set_seed, train_epoch
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "rmbrec" / "crgcn-beibei.yaml"
 
@@ -51,17 +52,10 @@ def main() -> None:
     load0 = os.getloadavg()[0]
     for epoch in range(1, a.epochs + 1):
         w, c = time.perf_counter(), time.process_time()
-        total, n = 0.0, 0
-        for batch in sampler.epoch(rng):
-            terms = model.loss(graphs, {k: torch.as_tensor(v) for k, v in batch.items()})
-            opt.zero_grad(set_to_none=True)
-            terms["loss"].backward()
-            opt.step()
-            total += float(terms["loss"].detach())
-            n += 1
+        means, _ = train_epoch(model, graphs, sampler, opt, rng, device)
         walls.append(time.perf_counter() - w)
         cpus.append(time.process_time() - c)
-        losses.append(total / n)
+        losses.append(means["loss"])
         print(f"epoch {epoch}: {walls[-1]:.1f} s wall, {cpus[-1]:.1f} s CPU, loss {losses[-1]:.4f}, "
               f"load {os.getloadavg()[0]:.1f}", flush=True)
     kernel = {"torch": "torch CSR", "scipy": "SciPy CSR + batch-row last layer"}[model.cfg.cpu_kernel]

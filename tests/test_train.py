@@ -10,7 +10,8 @@ import torch
 from mbrec.config import build_config
 from mbrec.errors import ConfigError, MbrecError
 from mbrec.models.lightgcn import LightGCN
-from mbrec.train import load_run, train
+from mbrec.rundir import load_run
+from mbrec.train import train
 from conftest import tiny_data
 
 
@@ -99,9 +100,9 @@ def test_staircase_lr_decay(tmp_path, tiny):
 
 def test_load_run_rebuilds_the_model(tmp_path, monkeypatch, tiny):
     train(_cfg("train.epochs=1"), tmp_path / "r", data=tiny, quiet=True)
-    import mbrec.train as t
+    import mbrec.rundir as r
 
-    monkeypatch.setattr(t, "load_data", lambda cfg: tiny_data())
+    monkeypatch.setattr(r, "load_data", lambda cfg: tiny_data())
     cfg, data, model, graphs = load_run(tmp_path / "r")
     assert cfg.model == "lightgcn"
     assert model(graphs).shape[-1] == 64
@@ -111,7 +112,7 @@ def test_select_each_keeps_a_checkpoint_per_task(tmp_path, capsys):
     """``select_behavior: each``: every behavior is reported at its own best validation epoch, from
     its own checkpoint; the picks agree with `mbrec reselect` on the same history."""
     from mbrec.reselect import reselect
-    from mbrec.train import load_data, task_checkpoint
+    from mbrec.rundir import load_data, task_checkpoint
 
     cfg = build_config("lightgcn", "synthetic", overrides=[
         "data_options.n_users=150", "data_options.n_items=120", "model_args.mode=per_behavior", "protocol=mmr", "protocol.select_behavior=each",

@@ -105,6 +105,11 @@ def chunk_size(n_items: int, memory_mb: float) -> int:
     return max(1, int(memory_mb * 2**20 // per_user))
 
 
+def has_valid(data: MultiBehaviorData) -> bool:
+    """Whether the data has a validation split (held-out target pairs)."""
+    return bool(data.valid[data.target].nnz)
+
+
 def task_behaviors(model: Model, data: MultiBehaviorData, protocol: Protocol) -> tuple[str, ...]:
     """The behaviors ``evaluate`` scores by default: the target, or (``tasks="all"``) every
     behavior the model scores."""

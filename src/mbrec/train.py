@@ -1,24 +1,14 @@
-"""The trainer: seeds, Adam, early stopping on the protocol's selection metric, checkpoints,
-resumption, and the run folder.
+"""The trainer: seeds, Adam, one epoch at a time, early stopping on the protocol's selection
+metric, and resumption. What it writes, and how a run is read back, is :mod:`mbrec.rundir`.
 
-Run folder (contract)::
+Building blocks reused outside the trainer (MB-CGCN's pretraining, ``benchmarks/``):
 
-    RUN_DIR/config.yaml    the resolved configuration (re-runnable with --config)
-    RUN_DIR/train.log      one line per epoch: every loss term, the evaluation metrics, time
-    RUN_DIR/metrics.json   final metrics (see design.md), the protocol, the per-epoch history
-    RUN_DIR/best.pt        model weights at the selected epoch (with ``select_behavior: each``:
-                           the target's selected epoch)
-    RUN_DIR/best_<B>.pt    with ``protocol.select_behavior: each`` only: weights at behavior B's
-                           own selected epoch (``mbrec recommend --behavior B`` uses them)
-    RUN_DIR/last.pt        weights, optimizer, RNG states and history after the last epoch
-                           (``--resume`` continues from here and ends where an uninterrupted
-                           run with the same seed ends)
+* :func:`train_step` - one optimizer step on one batch; returns the loss terms;
+* :func:`train_epoch` - one pass of a sampler; returns the mean loss terms and the steps taken.
 """
 
 from __future__ import annotations
 
-import json
-import logging
 import math
 import os
 import random
@@ -27,18 +17,27 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 import torch
 
-from mbrec.config import RunConfig, config_from_dict, read_yaml
+from mbrec.config import RunConfig
 from mbrec.data.container import MultiBehaviorData
 from mbrec.errors import ConfigError, MbrecError
-from mbrec.evaluate import Metrics, evaluate, selection_value
-from mbrec.models.base import Model, get_model_class
+from mbrec.evaluate import Metrics, evaluate, has_valid, selection_value
+from mbrec.models.base import Batch, Model, Sampler
+from mbrec.rundir import (
+    RunFolder,
+    build_model,
+    close_logger,
+    default_run_dir,
+    evaluate_task_checkpoints,
+    load_data,
+    resolve_device,
+)
 
-log = logging.getLogger("mbrec")
+__all__ = ["Trainer", "TrainState", "has_valid", "set_seed", "train", "train_epoch", "train_step"]
 
 
 def set_seed(seed: int) -> None:
@@ -47,39 +46,59 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} requested but CUDA is not available; use --device cpu")
-    if name not in ("cpu",) and not name.startswith("cuda"):
-        raise ConfigError(f"unknown device {name!r}; use cpu or cuda[:N]")
-    return torch.device(name)
+def to_tensors(batch: Batch, device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: torch.as_tensor(v, device=device) for k, v in batch.items()}
 
 
-def load_data(cfg: RunConfig) -> MultiBehaviorData:
-    from mbrec.data.registry import load_dataset
+def train_step(
+    model: Model, graphs: Any, batch: Batch, opt: torch.optim.Optimizer, device: torch.device, *, grad_clip: float = 0.0
+) -> dict[str, torch.Tensor]:
+    """One optimizer step of ``model.loss`` on one sampled batch; returns the loss terms."""
+    terms = model.loss(graphs, to_tensors(batch, device))
+    opt.zero_grad(set_to_none=True)
+    terms["loss"].backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+    return terms
 
-    return load_dataset(cfg.data, seed=cfg.seed, **cfg.data_options)
 
+def train_epoch(
+    model: Model,
+    graphs: Any,
+    sampler: Sampler,
+    opt: torch.optim.Optimizer,
+    rng: np.random.Generator,
+    device: torch.device,
+    *,
+    grad_clip: float = 0.0,
+    before_step: Callable[[], None] | None = None,
+    wrap: Callable[[Iterable[Batch]], Iterable[Batch]] | None = None,
+) -> tuple[dict[str, float], int]:
+    """One pass of ``sampler``: ``(mean of every loss term, number of steps)``.
 
-def build_model(cfg: RunConfig, data: MultiBehaviorData, device: torch.device) -> Model:
-    cls = get_model_class(cfg.model)
-    return cls(data, cfg.model_args).to(device)
-
-
-def default_run_dir(cfg: RunConfig) -> Path:
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    data = Path(cfg.data).name or "data"
-    return Path("runs") / f"{cfg.model}-{data}-s{cfg.seed}-{stamp}"
+    ``before_step`` runs before each step (the trainer's learning-rate schedule); ``wrap`` wraps
+    the batch iterator (a progress bar). Raises when the sampler yields nothing."""
+    model.train()
+    sums: dict[str, float] = {}
+    n = 0
+    batches: Iterable[Batch] = sampler.epoch(rng)
+    for batch in wrap(batches) if wrap else batches:
+        if before_step is not None:
+            before_step()
+        terms = train_step(model, graphs, batch, opt, device, grad_clip=grad_clip)
+        n += 1
+        for k, v in terms.items():
+            sums[k] = sums.get(k, 0.0) + float(v.detach())
+    if n == 0:
+        raise MbrecError("the sampler produced no batch: is the training data empty?")
+    return {k: v / n for k, v in sums.items()}, n
 
 
 def _progress_enabled(flag: bool | None) -> bool:
     if flag is not None:
         return flag
     return sys.stderr.isatty() and not os.environ.get("CI")
-
-
-def _to_tensors(batch: Mapping[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: torch.as_tensor(v, device=device) for k, v in batch.items()}
 
 
 def _fmt_metrics(prefix: str, m: Metrics, names: tuple[str, ...] = ("HR", "NDCG")) -> str:
@@ -92,8 +111,14 @@ def _fmt_metrics(prefix: str, m: Metrics, names: tuple[str, ...] = ("HR", "NDCG"
     return " | ".join(parts)
 
 
+def _fmt_terms(terms: Mapping[str, float]) -> str:
+    return " ".join(f"{k} {v:.4f}" for k, v in terms.items())
+
+
 @dataclass
-class _State:
+class TrainState:
+    """Everything about a run's progress that ``last.pt`` must carry for an exact resume."""
+
     epoch: int = 0
     step: int = 0
     best_value: float = -math.inf
@@ -109,7 +134,12 @@ class _State:
 
 
 class Trainer:
-    """Trains one model on one dataset under one protocol and writes the run folder."""
+    """Trains one model on one dataset under one protocol and writes the run folder.
+
+    ``run`` = ``setup`` (folder, data, model, graphs, sampler, optimizer, maybe a resume), then
+    ``train_epoch`` + ``evaluate_epoch`` until the epoch cap or early stopping, then ``finish``.
+    All per-run objects live on the trainer after ``setup``.
+    """
 
     def __init__(
         self,
@@ -120,27 +150,32 @@ class Trainer:
         quiet: bool = False,
     ) -> None:
         self.cfg = cfg
-        self.out = Path(out_dir) if out_dir else default_run_dir(cfg)
+        self.folder = RunFolder(out_dir if out_dir else default_run_dir(cfg))
+        self.out = self.folder.path
         self.device = resolve_device(cfg.device)
         self.quiet = quiet
-        self._data = data
+        self.data: MultiBehaviorData | None = data
+        self.state = TrainState()
 
-    # -- setup ------------------------------------------------------------------------
-    def _logger(self) -> logging.Logger:
-        logger = logging.getLogger(f"mbrec.run.{self.out.resolve()}")
-        logger.setLevel(logging.INFO)
-        logger.propagate = False
-        for h in list(logger.handlers):
-            logger.removeHandler(h)
-            h.close()
-        fh = logging.FileHandler(self.out / "train.log")
-        fh.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
-        logger.addHandler(fh)
-        if not self.quiet:
-            sh = logging.StreamHandler(sys.stderr)
-            sh.setFormatter(logging.Formatter("%(message)s"))
-            logger.addHandler(sh)
-        return logger
+    # -- setup ---------------------------------------------------------------------------
+    def setup(self, *, resume: bool = False) -> None:
+        """Prepare the folder and build every per-run object; restore ``last.pt`` when resuming."""
+        cfg = self.cfg
+        self.folder.prepare(cfg, resume=resume)
+        self.log = self.folder.logger(quiet=self.quiet)
+        set_seed(cfg.seed)
+        if self.data is None:
+            self.data = load_data(cfg)
+        self._check_protocol(self.data)
+        self.model = build_model(cfg, self.data, self.device)
+        self.graphs = self.model.build_graphs(self.data, self.device)
+        self.sampler = self.model.make_sampler(self.data)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        self.rng = np.random.default_rng(cfg.seed)
+        if resume:
+            self._restore()
+        else:
+            self._start()
 
     def _check_protocol(self, data: MultiBehaviorData) -> None:
         p = self.cfg.protocol
@@ -151,168 +186,148 @@ class Trainer:
                 "or select on test (paper parity) with --set protocol.selection=test"
             )
 
-    # -- main loop ----------------------------------------------------------------------
+    def _restore(self) -> None:
+        ck = self.folder.load_last(self.device)
+        self.model.load_state_dict(ck["model"])
+        self.opt.load_state_dict(ck["optimizer"])
+        self.rng.bit_generator.state = ck["numpy_rng"]
+        torch.set_rng_state(ck["torch_rng"])
+        self.state = TrainState(**ck["state"])
+        self.log.info(f"resumed from {self.folder.last} after epoch {self.state.epoch}")
+
+    def _start(self) -> None:
+        cfg, data, log = self.cfg, self.data, self.log
+        assert data is not None
+        log.info(f"mbrec run: model {cfg.model}, data {data.summary()}")
+        if data.description:
+            log.info(f"data: {data.description}")
+        log.info(cfg.protocol.describe())
+        n_params = sum(p.numel() for p in self.model.parameters())
+        log.info(f"{n_params:,} parameters, device {self.device}, seed {cfg.seed}")
+        self.model.on_train_start(data, self.graphs, self.device, log=log.info)
+        if cfg.train.eval_start == 0:
+            self.evaluate_epoch(0, {})
+
+    # -- the loop ------------------------------------------------------------------------
     def run(self, *, resume: bool = False) -> dict[str, Any]:
-        cfg = self.cfg
-        if resume:
-            if not (self.out / "last.pt").is_file():
-                raise MbrecError(f"cannot resume: {self.out / 'last.pt'} does not exist")
-        else:
-            if self.out.exists() and any(self.out.iterdir()):
-                raise MbrecError(f"run folder {self.out} already exists and is not empty; use --resume or another --out")
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "config.yaml").write_text(cfg.to_yaml())
-        logger = self._logger()
-        set_seed(cfg.seed)
-        data = self._data if self._data is not None else load_data(cfg)
-        self._check_protocol(data)
-        model = build_model(cfg, data, self.device)
-        graphs = model.build_graphs(data, self.device)
-        sampler = model.make_sampler(data)
-        tc = cfg.train
-        opt = torch.optim.Adam(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-        rng = np.random.default_rng(cfg.seed)
-        st = _State()
-        if resume:
-            ck = torch.load(self.out / "last.pt", map_location=self.device, weights_only=False)
-            model.load_state_dict(ck["model"])
-            opt.load_state_dict(ck["optimizer"])
-            rng.bit_generator.state = ck["numpy_rng"]
-            torch.set_rng_state(ck["torch_rng"])
-            st = _State(**ck["state"])
-            logger.info(f"resumed from {self.out / 'last.pt'} after epoch {st.epoch}")
-        else:
-            logger.info(f"mbrec run: model {cfg.model}, data {data.summary()}")
-            if data.description:
-                logger.info(f"data: {data.description}")
-            logger.info(cfg.protocol.describe())
-            n_params = sum(p.numel() for p in model.parameters())
-            logger.info(f"{n_params:,} parameters, device {self.device}, seed {cfg.seed}")
-            model.on_train_start(data, graphs, self.device, log=logger.info)
-            if tc.eval_start == 0:
-                self._evaluate_and_select(model, graphs, data, st, logger, epoch=0, train_terms={})
-
-        show = _progress_enabled(tc.progress) and not self.quiet
-        train_start = time.perf_counter()
-        for epoch in range(st.epoch + 1, tc.epochs + 1):
-            if st.stopped:
+        self.setup(resume=resume)
+        started = time.perf_counter()
+        for epoch in range(self.state.epoch + 1, self.cfg.train.epochs + 1):
+            if self.state.stopped:
                 break
-            model.train()
-            t0 = time.perf_counter()
-            sums: dict[str, float] = {}
-            n = 0
-            batches = sampler.epoch(rng)
-            if show:
-                from tqdm import tqdm
-
-                batches = tqdm(batches, desc=f"epoch {epoch}", leave=False, total=getattr(sampler, "n_batches", None))
-            for batch in batches:
-                if tc.lr_decay_steps > 0 and tc.lr_decay != 1.0:
-                    lr = tc.lr * tc.lr_decay ** (st.step // tc.lr_decay_steps)
-                    for g in opt.param_groups:
-                        g["lr"] = lr
-                terms = model.loss(graphs, _to_tensors(batch, self.device))
-                opt.zero_grad(set_to_none=True)
-                terms["loss"].backward()
-                if tc.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-                opt.step()
-                st.step += 1
-                n += 1
-                for k, v in terms.items():
-                    sums[k] = sums.get(k, 0.0) + float(v.detach())
-            if n == 0:
-                raise MbrecError("the sampler produced no batch: is the training data empty?")
-            secs = time.perf_counter() - t0
-            st.epoch_seconds.append(secs)
-            means = {k: v / n for k, v in sums.items()}
-            if not all(math.isfinite(v) for v in means.values()):
-                raise MbrecError(f"epoch {epoch}: a loss term is not finite {means}; lower the learning rate?")
-            st.epoch = epoch
-            evaluated = epoch >= tc.eval_start and (epoch - max(tc.eval_start, 1)) % max(tc.eval_every, 1) == 0
-            if evaluated or epoch == tc.epochs:
-                self._evaluate_and_select(model, graphs, data, st, logger, epoch, means, secs)
+            means, secs = self.train_epoch(epoch)
+            self.state.epoch = epoch
+            if self._evaluates(epoch):
+                self.evaluate_epoch(epoch, means, secs)
             else:
-                st.history.append({"epoch": epoch, "seconds": secs, **means})
-                logger.info(f"epoch {epoch:4d} | " + " ".join(f"{k} {v:.4f}" for k, v in means.items()) + f" | {secs:.1f}s")
-            self._save_last(model, opt, rng, st)
-            if tc.patience > 0 and st.best_epoch > 0 and epoch - st.best_epoch > tc.patience:
-                logger.info(f"early stop at epoch {epoch}: no improvement since epoch {st.best_epoch}")
-                st.stopped = True
-                self._save_last(model, opt, rng, st)
+                self.state.history.append({"epoch": epoch, "seconds": secs, **means})
+                self.log.info(f"epoch {epoch:4d} | {_fmt_terms(means)} | {secs:.1f}s")
+            self.save_last()
+            if self._patience_exhausted(epoch):
                 break
-        train_seconds = time.perf_counter() - train_start
-        return self._finish(model, graphs, data, st, logger, train_seconds)
+        return self.finish(time.perf_counter() - started)
 
-    def _save_last(self, model: Model, opt: torch.optim.Optimizer, rng: np.random.Generator, st: _State) -> None:
-        tmp = self.out / "last.pt.tmp"
-        torch.save(
-            {
-                "model": model.state_dict(),
-                "optimizer": opt.state_dict(),
-                "numpy_rng": rng.bit_generator.state,
-                "torch_rng": torch.get_rng_state(),
-                "state": dict(st.__dict__),
-            },
-            tmp,
-        )
-        os.replace(tmp, self.out / "last.pt")
+    def train_epoch(self, epoch: int) -> tuple[dict[str, float], float]:
+        """One training epoch: ``(mean loss terms, seconds)``; non-finite means end the run."""
+        tc = self.cfg.train
+        wrap = None
+        if _progress_enabled(tc.progress) and not self.quiet:
+            from tqdm import tqdm
 
-    def _eval_splits(self, model: Model, graphs: Any, data: MultiBehaviorData, *, with_test: bool) -> tuple[Metrics, Metrics]:
+            total = getattr(self.sampler, "n_batches", None)
+            wrap = lambda it: tqdm(it, desc=f"epoch {epoch}", leave=False, total=total)  # noqa: E731
+        t0 = time.perf_counter()
+        means, steps = train_epoch(self.model, self.graphs, self.sampler, self.opt, self.rng, self.device,
+                                   grad_clip=tc.grad_clip, before_step=self._schedule_lr, wrap=wrap)
+        secs = time.perf_counter() - t0
+        self.state.epoch_seconds.append(secs)
+        if not all(math.isfinite(v) for v in means.values()):
+            raise MbrecError(f"epoch {epoch}: a loss term is not finite {means}; lower the learning rate?")
+        return means, secs
+
+    def _schedule_lr(self) -> None:
+        """Staircase decay (COPF/PKEF), then count the step."""
+        tc = self.cfg.train
+        if tc.lr_decay_steps > 0 and tc.lr_decay != 1.0:
+            lr = tc.lr * tc.lr_decay ** (self.state.step // tc.lr_decay_steps)
+            for g in self.opt.param_groups:
+                g["lr"] = lr
+        self.state.step += 1
+
+    def _evaluates(self, epoch: int) -> bool:
+        tc = self.cfg.train
+        scheduled = epoch >= tc.eval_start and (epoch - max(tc.eval_start, 1)) % max(tc.eval_every, 1) == 0
+        return scheduled or epoch == tc.epochs
+
+    def _patience_exhausted(self, epoch: int) -> bool:
+        st, patience = self.state, self.cfg.train.patience
+        if patience > 0 and st.best_epoch > 0 and epoch - st.best_epoch > patience:
+            self.log.info(f"early stop at epoch {epoch}: no improvement since epoch {st.best_epoch}")
+            st.stopped = True
+            self.save_last()
+            return True
+        return False
+
+    def save_last(self) -> None:
+        self.folder.save_last({
+            "model": self.model.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "numpy_rng": self.rng.bit_generator.state,
+            "torch_rng": torch.get_rng_state(),
+            "state": dict(self.state.__dict__),
+        })
+
+    # -- evaluation and selection ----------------------------------------------------------
+    def eval_splits(self, *, with_test: bool) -> tuple[Metrics, Metrics]:
         """Validation metrics (when the data has a validation split) and, if asked, test metrics,
         from one computation of the final embeddings."""
-        p, mb = self.cfg.protocol, self.cfg.train.eval_memory_mb
-        model.eval()
+        p, mb, data = self.cfg.protocol, self.cfg.train.eval_memory_mb, self.data
+        assert data is not None
+        self.model.eval()
         with torch.no_grad():
-            emb = model(graphs)
-        valid = evaluate(model, graphs, data, p, "valid", emb=emb, memory_mb=mb) if has_valid(data) else {}
-        test = evaluate(model, graphs, data, p, "test", emb=emb, memory_mb=mb) if with_test else {}
+            emb = self.model(self.graphs)
+        valid = evaluate(self.model, self.graphs, data, p, "valid", emb=emb, memory_mb=mb) if has_valid(data) else {}
+        test = evaluate(self.model, self.graphs, data, p, "test", emb=emb, memory_mb=mb) if with_test else {}
         return valid, test
 
-    def _evaluate_and_select(
-        self,
-        model: Model,
-        graphs: Any,
-        data: MultiBehaviorData,
-        st: _State,
-        logger: logging.Logger,
-        epoch: int,
-        train_terms: Mapping[str, float],
-        secs: float = 0.0,
-    ) -> None:
-        p, tc = self.cfg.protocol, self.cfg.train
+    def evaluate_epoch(self, epoch: int, train_terms: Mapping[str, float], secs: float = 0.0) -> None:
+        """Evaluate, keep the best checkpoint(s), record the history entry and the log line."""
+        p, tc, st = self.cfg.protocol, self.cfg.train, self.state
         t0 = time.perf_counter()
-        valid, test = self._eval_splits(model, graphs, data, with_test=p.selection == "test" or tc.test_every_eval)
+        valid, test = self.eval_splits(with_test=p.selection == "test" or tc.test_every_eval)
         st.eval_seconds += time.perf_counter() - t0
         chosen = test if p.selection == "test" else valid
         if p.select_behavior == "each":
-            improved = self._select_each(model, chosen, data.target, st, epoch)
+            improved = self._select_each(chosen, epoch)
         else:
-            value = selection_value(chosen, p, data.target)
-            improved = math.isfinite(value) and value > st.best_value
-            if improved:
-                st.best_value, st.best_epoch = value, epoch
-                st.best_valid, st.best_test = valid, test
-                torch.save(model.state_dict(), self.out / "best.pt")
+            improved = self._select_one(chosen, epoch, valid, test)
         entry: dict[str, Any] = {"epoch": epoch, "seconds": secs, **train_terms}
-        if valid:
-            entry["valid"] = valid
-        if test:
-            entry["test"] = test
+        line = f"epoch {epoch:4d} | {_fmt_terms(train_terms)}"
+        for name, m in (("valid", valid), ("test", test)):
+            if m:
+                entry[name] = m
+                line += " | " + _fmt_metrics(name, m)
         st.history.append(entry)
-        line = f"epoch {epoch:4d} | " + " ".join(f"{k} {v:.4f}" for k, v in train_terms.items())
-        if valid:
-            line += " | " + _fmt_metrics("valid", valid)
-        if test:
-            line += " | " + _fmt_metrics("test", test)
-        logger.info(line + f" | {secs:.1f}s" + (" *" if improved else ""))
-        model.train()
+        self.log.info(line + f" | {secs:.1f}s" + (" *" if improved else ""))
+        self.model.train()
 
-    def _select_each(self, model: Model, chosen: Metrics, target: str, st: _State, epoch: int) -> bool:
+    def _select_one(self, chosen: Metrics, epoch: int, valid: Metrics, test: Metrics) -> bool:
+        assert self.data is not None
+        st = self.state
+        value = selection_value(chosen, self.cfg.protocol, self.data.target)
+        if not (math.isfinite(value) and value > st.best_value):
+            return False
+        st.best_value, st.best_epoch = value, epoch
+        st.best_valid, st.best_test = valid, test
+        self.folder.save_weights(self.model.state_dict())
+        return True
+
+    def _select_each(self, chosen: Metrics, epoch: int) -> bool:
         """Per-task selection: every behavior whose metric improved gets this epoch's weights as
         ``best_<behavior>.pt`` (the target's also as ``best.pt``). ``best_epoch`` is the latest
         improvement of any task, so patience stops the run once no task has improved for that long."""
-        metric = self.cfg.protocol.select_metric
+        assert self.data is not None
+        st, metric = self.state, self.cfg.protocol.select_metric
         better = []
         for b, vals in chosen.items():
             v = float(vals.get(metric, float("nan")))
@@ -321,49 +336,59 @@ class Trainer:
                 better.append(b)
         if not better:
             return False
-        state = model.state_dict()
+        weights = self.model.state_dict()
         for b in better:
-            torch.save(state, task_checkpoint(self.out, b))
-        if target in better or not (self.out / "best.pt").is_file():
-            torch.save(state, self.out / "best.pt")
+            self.folder.save_weights(weights, behavior=b)
+        if self.data.target in better or not self.folder.best.is_file():
+            self.folder.save_weights(weights)
         st.best_epoch = epoch
         st.best_value = sum(v for v, _ in st.best_tasks.values())
         return True
 
-    def _finish_each(self, model: Model, graphs: Any, data: MultiBehaviorData, st: _State) -> tuple[Metrics, Metrics]:
-        """Valid and test metrics with every behavior taken from its own checkpoint."""
-        splits = ("valid", "test") if has_valid(data) else ("test",)
-        out = evaluate_task_checkpoints(model, graphs, data, self.cfg.protocol, self.out, list(st.best_tasks),
-                                        splits, memory_mb=self.cfg.train.eval_memory_mb)
-        model.load_state_dict(torch.load(self.out / "best.pt", map_location=self.device))
-        return out.get("valid", {}), out["test"]
+    # -- the end ---------------------------------------------------------------------------
+    def _final_metrics(self) -> tuple[Metrics, Metrics, dict[str, int]]:
+        """Valid and test metrics of the selected weights, and each behavior's selected epoch."""
+        data, st = self.data, self.state
+        assert data is not None
+        if self.cfg.protocol.select_behavior == "each" and st.best_tasks:
+            splits = ("valid", "test") if has_valid(data) else ("test",)
+            out = evaluate_task_checkpoints(self.model, self.graphs, data, self.cfg.protocol, self.out,
+                                            list(st.best_tasks), splits, memory_mb=self.cfg.train.eval_memory_mb)
+            self.model.load_state_dict(self.folder.load_weights(self.device))
+            st.best_epoch = int(st.best_tasks.get(data.target, [0, st.best_epoch])[1])
+            return out.get("valid", {}), out["test"], {b: int(e) for b, (_, e) in st.best_tasks.items()}
+        valid, test = self.eval_splits(with_test=True)
+        return valid, test, {b: st.best_epoch for b in test}
 
-    def _finish(
-        self,
-        model: Model,
-        graphs: Any,
-        data: MultiBehaviorData,
-        st: _State,
-        logger: logging.Logger,
-        train_seconds: float,
-    ) -> dict[str, Any]:
-        p, tc = self.cfg.protocol, self.cfg.train
-        if (self.out / "best.pt").is_file():
-            model.load_state_dict(torch.load(self.out / "best.pt", map_location=self.device))
+    def finish(self, wall_seconds: float) -> dict[str, Any]:
+        """Load the selected weights, evaluate them, write ``metrics.json``; returns the metrics."""
+        st, p = self.state, self.cfg.protocol
+        if self.folder.best.is_file():
+            self.model.load_state_dict(self.folder.load_weights(self.device))
         else:  # never evaluated: the last epoch is the result
-            torch.save(model.state_dict(), self.out / "best.pt")
+            self.folder.save_weights(self.model.state_dict())
             st.best_epoch = st.epoch
         t0 = time.perf_counter()
-        each = p.select_behavior == "each" and bool(st.best_tasks)
-        if each:
-            valid, test = self._finish_each(model, graphs, data, st)
-            st.best_epoch = int(st.best_tasks.get(data.target, [0, st.best_epoch])[1])
-            best_epochs = {b: int(e) for b, (_, e) in st.best_tasks.items()}
+        valid, test, best_epochs = self._final_metrics()
+        metrics = self._metrics_record(valid, test, best_epochs, wall_seconds, time.perf_counter() - t0)
+        self.folder.write_metrics(metrics)
+        if p.select_behavior == "each" and st.best_tasks:
+            self.log.info("best epochs per task " + ", ".join(f"{b} {e}" for b, e in best_epochs.items())
+                          + f" ({p.select_metric}, {metrics['selection']})")
         else:
-            valid, test = self._eval_splits(model, graphs, data, with_test=True)
-            best_epochs = {b: st.best_epoch for b in test}
-        eval_seconds = time.perf_counter() - t0
-        metrics = {
+            self.log.info(f"best epoch {st.best_epoch} ({p.select_metric}, {metrics['selection']})")
+        if valid:
+            self.log.info(_fmt_metrics("valid", valid))
+        self.log.info(_fmt_metrics("test", test))
+        self.log.info(f"run folder: {self.out}")
+        close_logger(self.log)
+        return metrics
+
+    def _metrics_record(self, valid: Metrics, test: Metrics, best_epochs: dict[str, int],
+                        wall_seconds: float, eval_seconds: float) -> dict[str, Any]:
+        st, p, data = self.state, self.cfg.protocol, self.data
+        assert data is not None
+        return {
             "model": self.cfg.model,
             "dataset": data.name,
             "target": data.target,
@@ -377,27 +402,13 @@ class Trainer:
             "valid": valid,
             "test": test,
             "train_seconds": sum(st.epoch_seconds),
-            "wall_seconds_this_session": train_seconds,
+            "wall_seconds_this_session": wall_seconds,
             "epoch_seconds_median": statistics.median(st.epoch_seconds) if st.epoch_seconds else 0.0,
             "eval_seconds": eval_seconds,
             "device": str(self.device),
             "torch": torch.__version__,
             "history": st.history,
         }
-        (self.out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-        if each:
-            logger.info("best epochs per task " + ", ".join(f"{b} {e}" for b, e in best_epochs.items())
-                        + f" ({p.select_metric}, {metrics['selection']})")
-        else:
-            logger.info(f"best epoch {st.best_epoch} ({p.select_metric}, {metrics['selection']})")
-        if valid:
-            logger.info(_fmt_metrics("valid", valid))
-        logger.info(_fmt_metrics("test", test))
-        logger.info(f"run folder: {self.out}")
-        for h in list(logger.handlers):
-            logger.removeHandler(h)
-            h.close()
-        return metrics
 
 
 def train(
@@ -410,70 +421,3 @@ def train(
 ) -> dict[str, Any]:
     """Train and evaluate; returns the metrics dict written to ``metrics.json``."""
     return Trainer(cfg, out_dir, data=data, quiet=quiet).run(resume=resume)
-
-
-def has_valid(data: MultiBehaviorData) -> bool:
-    """Whether the data has a validation split (held-out target pairs)."""
-    return bool(data.valid[data.target].nnz)
-
-
-def task_checkpoint(run_dir: str | Path, behavior: str) -> Path:
-    """Where ``select_behavior: each`` keeps ``behavior``'s selected weights."""
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in behavior)
-    return Path(run_dir) / f"best_{safe}.pt"
-
-
-def evaluate_task_checkpoints(
-    model: Model,
-    graphs: Any,
-    data: MultiBehaviorData,
-    protocol: Any,
-    run_dir: str | Path,
-    behaviors: list[str],
-    splits: tuple[str, ...],
-    *,
-    memory_mb: float,
-) -> dict[str, Metrics]:
-    """``{split: {behavior: metrics}}`` with each behavior evaluated (alone) from its own
-    ``best_<behavior>.pt``; behaviors without such a checkpoint are left out. Leaves the last
-    loaded weights in ``model``."""
-    out: dict[str, Metrics] = {s: {} for s in splits}
-    for b in behaviors:
-        f = task_checkpoint(run_dir, b)
-        if not f.is_file():
-            continue
-        model.load_state_dict(torch.load(f, map_location=next(model.parameters()).device))
-        model.eval()
-        with torch.no_grad():
-            emb = model(graphs)
-            for split in splits:
-                out[split].update(evaluate(model, graphs, data, protocol, split, emb=emb, behaviors=(b,),
-                                           memory_mb=memory_mb))
-    return out
-
-
-def load_run(
-    run_dir: str | Path, device: str | None = None, behavior: str | None = None
-) -> tuple[RunConfig, MultiBehaviorData, Model, Any]:
-    """Rebuild a finished run: its config, data, model (best weights) and graphs. With
-    ``behavior`` and a per-task checkpoint for it (``select_behavior: each``), those weights."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise MbrecError(f"{run_dir} is not a run folder (no config.yaml)")
-    if not (run_dir / "best.pt").is_file():
-        raise MbrecError(f"{run_dir} has no best.pt: the run did not finish an evaluation")
-    cfg = config_from_dict(read_yaml(run_dir / "config.yaml"))
-    if device:
-        cfg.device = device
-    dev = resolve_device(cfg.device)
-    set_seed(cfg.seed)
-    data = load_data(cfg)
-    model = build_model(cfg, data, dev)
-    weights = task_checkpoint(run_dir, behavior) if behavior else None
-    if weights is None or not weights.is_file():
-        weights = run_dir / "best.pt"
-    model.load_state_dict(torch.load(weights, map_location=dev))
-    model.eval()
-    graphs = model.build_graphs(data, dev)
-    return cfg, data, model, graphs
-

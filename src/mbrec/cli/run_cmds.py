@@ -94,11 +94,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from mbrec.evaluate import evaluate, task_behaviors
-    from mbrec.protocol import get_protocol
     from mbrec.config import parse_overrides
+    from mbrec.evaluate import evaluate, has_valid, task_behaviors
+    from mbrec.protocol import get_protocol
     from mbrec.report import metrics_table
-    from mbrec.train import evaluate_task_checkpoints, has_valid, load_run, task_checkpoint
+    from mbrec.rundir import evaluate_task_checkpoints, load_run, task_checkpoint
 
     cfg, data, model, graphs = load_run(args.run_dir, args.device)
     protocol = get_protocol(args.protocol, **parse_overrides(args.set)) if args.protocol else get_protocol(cfg.protocol, **parse_overrides(args.set))
@@ -128,7 +128,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_recommend(args: argparse.Namespace) -> int:
     from mbrec.evaluate import recommend
-    from mbrec.train import load_run
+    from mbrec.rundir import load_run
 
     cfg, data, model, graphs = load_run(args.run_dir, args.device, behavior=args.behavior)
     behavior = args.behavior or data.target

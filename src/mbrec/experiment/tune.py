@@ -110,7 +110,7 @@ def tune(
 
     ``make_config(overrides)`` builds a trial's :class:`RunConfig` from nested overrides."""
     optuna = require_optuna()
-    from mbrec.train import has_valid
+    from mbrec.evaluate import has_valid
 
     if train_fn is None:
         from mbrec.train import train as train_fn
