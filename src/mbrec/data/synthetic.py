@@ -90,59 +90,114 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
 
 
 def generate(config: SyntheticConfig, seed: int = 0, name: str = "synthetic") -> MultiBehaviorData:
-    """The dataset of ``config`` and ``seed`` (identical for identical inputs)."""
+    """The dataset of ``config`` and ``seed`` (identical for identical inputs).
+
+    The stages below draw from one generator in a fixed order; that order is part of the
+    dataset's definition (changing it changes every synthetic number in the project)."""
     c = config
     c.validate()
     rng = np.random.default_rng(seed)
-    nu, ni = c.n_users, c.n_items
-    P = rng.normal(0.0, 1.0 / np.sqrt(c.dim), (nu, c.dim))
-    Q = rng.normal(0.0, 1.0 / np.sqrt(c.dim), (ni, c.dim))
-    scale = float(np.sqrt((P**2).sum(1).mean() * (Q**2).sum(1).mean() / c.dim)) or 1.0
-    bias = -c.popularity * np.log1p(rng.permutation(ni).astype(np.float64))
-    cap = ni // 2
-    P32, Q32, bias32 = P.astype(np.float32), Q.astype(np.float32), bias.astype(np.float32)
-    n_view = np.clip(rng.poisson(c.views_per_user, nu), c.min_target + 2, cap)
+    lat = _Latent.draw(c, rng)
+    views, later = _views(c, rng, lat)
+    vu, vi, va, cart, buy = _funnel(c, rng, lat, views)
+    du, di = _direct_buys(c, rng, vu, buy, later)
+    promote = _minimum_buys(c, rng, vu, va, buy, du)
+    cart |= promote
+    buy |= promote
+    train = {
+        "view": (vu, vi),
+        "cart": (vu[cart], vi[cart]),
+        "buy": (np.r_[vu[buy], du], np.r_[vi[buy], di]),
+    }
+    tr, va_, te = _hold_out(train, rng, c.n_users, c.n_items)
+    params = ", ".join(f"{k}={v}" for k, v in asdict(c).items())
+    desc = (
+        f"Synthetic view->cart->buy funnel (mbrec.data.synthetic), seed {seed}: {params}. "
+        "Leave-one-out valid/test (random) for every behavior, users with >= 3 pairs."
+    )
+    return MultiBehaviorData(
+        name=name, behaviors=BEHAVIORS, train=tr, valid=va_, test=te,
+        user_ids=np.array([f"u{k}" for k in range(c.n_users)]),
+        item_ids=np.array([f"i{k}" for k in range(c.n_items)]),
+        description=desc, source=f"builtin:{name}",
+    )
+
+
+@dataclass
+class _Latent:
+    """Stage 1: preferences ``P``, ``Q``, the affinity scale and the item popularity bias."""
+
+    P: np.ndarray
+    Q: np.ndarray
+    scale: float
+    bias: np.ndarray
+
+    @classmethod
+    def draw(cls, c: SyntheticConfig, rng: np.random.Generator) -> "_Latent":
+        P = rng.normal(0.0, 1.0 / np.sqrt(c.dim), (c.n_users, c.dim))
+        Q = rng.normal(0.0, 1.0 / np.sqrt(c.dim), (c.n_items, c.dim))
+        scale = float(np.sqrt((P**2).sum(1).mean() * (Q**2).sum(1).mean() / c.dim)) or 1.0
+        bias = -c.popularity * np.log1p(rng.permutation(c.n_items).astype(np.float64))
+        return cls(P, Q, scale, bias)
+
+
+def _direct_prefix(c: SyntheticConfig) -> int:
+    """How many preference-ordered items past the views to keep for direct buys (generous: the
+    direct-buy count needs the funnel's output)."""
+    return max(8, int(4 * c.direct_buy / max(1e-9, 1 - c.direct_buy) * c.views_per_user
+                      * c.p_cart * c.p_buy_cart + 8))
+
+
+def _views(c: SyntheticConfig, rng: np.random.Generator, lat: _Latent) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, ...]]:
+    """Stage 2: ``((view users, view items), (users, items, rank) of the preference-ordered items
+    after each user's views)``, the latter the candidates for direct buys."""
+    nu = c.n_users
+    n_view = np.clip(rng.poisson(c.views_per_user, nu), c.min_target + 2, c.n_items // 2)
     n_noise = rng.binomial(n_view, c.view_noise)
     n_pref = n_view - n_noise
-    # the direct-buy count needs the funnel's output; draw a generous preference-ordered prefix
-    extra = max(8, int(4 * c.direct_buy / max(1e-9, 1 - c.direct_buy) * c.views_per_user
-                       * c.p_cart * c.p_buy_cart + 8))
-    kmax = int(min(ni - 1, n_pref.max() + extra))
-    V_u, V_i, D_u, D_i, D_rank = [], [], [], [], []
-    for lo in range(0, nu, CHUNK):
-        hi = min(nu, lo + CHUNK)
-        aff = ((P32[lo:hi] @ Q32.T) / np.float32(scale)).astype(np.float32)
-        gumbel = rng.random(aff.shape, dtype=np.float32)
-        np.maximum(gumbel, np.float32(1e-30), out=gumbel)
-        np.log(gumbel, out=gumbel)
-        np.negative(gumbel, out=gumbel)
-        np.log(gumbel, out=gumbel)
-        g = np.float32(c.preference_strength) * aff + bias32 - gumbel
-        top = np.argpartition(-g, kmax, axis=1)[:, :kmax]
-        top = np.take_along_axis(top, np.argsort(-np.take_along_axis(g, top, 1), axis=1), 1)
-        rows = np.arange(hi - lo)[:, None]
-        pos = np.arange(kmax)[None, :]
-        pref = pos < n_pref[lo:hi, None]
-        rest = ~pref
-        # uniform noise views: random items outside this user's preference-ordered prefix
-        nn = n_noise[lo:hi]
-        nu_rows = np.repeat(np.arange(hi - lo), nn)
-        noise_items = rng.integers(0, ni, len(nu_rows))
-        in_top = np.zeros((hi - lo, ni), dtype=bool)
-        in_top[rows, top] = True
-        keep = ~in_top[nu_rows, noise_items]
-        vu = np.r_[np.broadcast_to(rows, top.shape)[pref], nu_rows[keep]]
-        vi = np.r_[top[pref], noise_items[keep]]
-        V_u.append(vu + lo)
-        V_i.append(vi)
-        D_u.append(np.broadcast_to(rows, top.shape)[rest] + lo)
-        D_i.append(top[rest])
-        D_rank.append((pos - n_pref[lo:hi, None])[rest])
-    vu, vi = np.concatenate(V_u), np.concatenate(V_i)
-    view = pairs_to_csr(vu, vi, nu, ni).tocoo()
+    kmax = int(min(c.n_items - 1, n_pref.max() + _direct_prefix(c)))
+    parts = [_view_chunk(c, rng, lat, lo, min(nu, lo + CHUNK), n_pref, n_noise, kmax) for lo in range(0, nu, CHUNK)]
+    cat = [np.concatenate([p[k] for p in parts]) for k in range(5)]
+    return (cat[0], cat[1]), (cat[2], cat[3], cat[4])
+
+
+def _view_chunk(c: SyntheticConfig, rng: np.random.Generator, lat: _Latent, lo: int, hi: int,
+                n_pref: np.ndarray, n_noise: np.ndarray, kmax: int) -> tuple[np.ndarray, ...]:
+    """Views of users ``lo:hi`` (Gumbel top-k by preference, plus uniform noise views) and the
+    ranked items after them."""
+    ni = c.n_items
+    aff = ((lat.P[lo:hi].astype(np.float32) @ lat.Q.astype(np.float32).T) / np.float32(lat.scale)).astype(np.float32)
+    gumbel = rng.random(aff.shape, dtype=np.float32)
+    np.maximum(gumbel, np.float32(1e-30), out=gumbel)
+    np.log(gumbel, out=gumbel)
+    np.negative(gumbel, out=gumbel)
+    np.log(gumbel, out=gumbel)
+    g = np.float32(c.preference_strength) * aff + lat.bias.astype(np.float32) - gumbel
+    top = np.argpartition(-g, kmax, axis=1)[:, :kmax]
+    top = np.take_along_axis(top, np.argsort(-np.take_along_axis(g, top, 1), axis=1), 1)
+    rows = np.arange(hi - lo)[:, None]
+    pos = np.arange(kmax)[None, :]
+    pref = pos < n_pref[lo:hi, None]
+    rest = ~pref
+    # uniform noise views: random items outside this user's preference-ordered prefix
+    nu_rows = np.repeat(np.arange(hi - lo), n_noise[lo:hi])
+    noise_items = rng.integers(0, ni, len(nu_rows))
+    in_top = np.zeros((hi - lo, ni), dtype=bool)
+    in_top[rows, top] = True
+    keep = ~in_top[nu_rows, noise_items]
+    vu = np.r_[np.broadcast_to(rows, top.shape)[pref], nu_rows[keep]]
+    vi = np.r_[top[pref], noise_items[keep]]
+    return (vu + lo, vi, np.broadcast_to(rows, top.shape)[rest] + lo, top[rest],
+            (pos - n_pref[lo:hi, None])[rest])
+
+
+def _funnel(c: SyntheticConfig, rng: np.random.Generator, lat: _Latent,
+            views: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, ...]:
+    """Stage 3: ``(view users, view items, standardised affinity, cart?, buy?)`` per unique view."""
+    view = pairs_to_csr(views[0], views[1], c.n_users, c.n_items).tocoo()
     # pairs_to_csr collapses duplicate noise views; recompute affinities for the unique pairs
     vu, vi = view.row.astype(np.int64), view.col.astype(np.int64)
-    va = np.einsum("kd,kd->k", P[vu], Q[vi]) / scale
+    va = np.einsum("kd,kd->k", lat.P[vu], lat.Q[vi]) / lat.scale
     # the funnel is centred on the viewed pairs: p_cart is P(cart | view) at a typical view
     va = (va - va.mean()) / (va.std() or 1.0)
     cart = rng.random(len(vu)) < _sigmoid(_logit(c.p_cart) + c.funnel_effect * va)
@@ -152,26 +207,36 @@ def generate(config: SyntheticConfig, seed: int = 0, name: str = "synthetic") ->
         r < _sigmoid(_logit(c.p_buy_cart) + c.funnel_effect * va),
         r < _sigmoid(_logit(c.p_buy_view) + c.funnel_effect * va),
     )
-    funnel_per_user = np.bincount(vu[buy], minlength=nu)
+    return vu, vi, va, cart, buy
+
+
+def _direct_buys(c: SyntheticConfig, rng: np.random.Generator, vu: np.ndarray, buy: np.ndarray,
+                 later: tuple[np.ndarray, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Stage 4: buys without any view, the next preference-ordered items after the views."""
+    funnel_per_user = np.bincount(vu[buy], minlength=c.n_users)
     lam = c.direct_buy / (1.0 - c.direct_buy) * np.maximum(funnel_per_user, 1)
-    n_direct = np.minimum(rng.poisson(lam), extra)
-    du, di, drank = np.concatenate(D_u), np.concatenate(D_i), np.concatenate(D_rank)
+    n_direct = np.minimum(rng.poisson(lam), _direct_prefix(c))
+    du, di, drank = later
     dsel = drank < n_direct[du]
-    du, di = du[dsel], di[dsel]
-    # minimum buys: promote the highest-affinity viewed, not yet bought items
-    deficit = np.maximum(0, c.min_target - (np.bincount(vu[buy], minlength=nu)
-                                            + np.bincount(du, minlength=nu)))
+    return du[dsel], di[dsel]
+
+
+def _minimum_buys(c: SyntheticConfig, rng: np.random.Generator, vu: np.ndarray, va: np.ndarray,
+                  buy: np.ndarray, du: np.ndarray) -> np.ndarray:
+    """Stage 5: which views to promote to cart + buy so that every user has ``min_target`` buys
+    (the highest-affinity viewed, not yet bought items)."""
+    nu = c.n_users
+    deficit = np.maximum(0, c.min_target - (np.bincount(vu[buy], minlength=nu) + np.bincount(du, minlength=nu)))
     cand = ~buy
     rank, _ = rank_from_end(vu[cand], rng, va[cand])  # 0 = highest affinity
     promote = np.zeros(len(vu), dtype=bool)
     promote[np.flatnonzero(cand)[rank < deficit[vu[cand]]]] = True
-    cart |= promote
-    buy |= promote
-    train = {
-        "view": (vu, vi),
-        "cart": (vu[cart], vi[cart]),
-        "buy": (np.r_[vu[buy], du], np.r_[vi[buy], di]),
-    }
+    return promote
+
+
+def _hold_out(train: dict[str, tuple[np.ndarray, np.ndarray]], rng: np.random.Generator, nu: int,
+              ni: int) -> tuple[dict[str, sp.csr_matrix], ...]:
+    """Stage 6: leave-one-out valid/test for every behavior; ``(train, valid, test)`` matrices."""
     tr: dict[str, sp.csr_matrix] = {}
     va_: dict[str, sp.csr_matrix] = {}
     te: dict[str, sp.csr_matrix] = {}
@@ -182,17 +247,7 @@ def generate(config: SyntheticConfig, seed: int = 0, name: str = "synthetic") ->
         tr[b] = pairs_to_csr(u[keep], i[keep], nu, ni)
         va_[b] = pairs_to_csr(u[is_valid], i[is_valid], nu, ni)
         te[b] = pairs_to_csr(u[is_test], i[is_test], nu, ni)
-    params = ", ".join(f"{k}={v}" for k, v in asdict(c).items())
-    desc = (
-        f"Synthetic view->cart->buy funnel (mbrec.data.synthetic), seed {seed}: {params}. "
-        "Leave-one-out valid/test (random) for every behavior, users with >= 3 pairs."
-    )
-    return MultiBehaviorData(
-        name=name, behaviors=BEHAVIORS, train=tr, valid=va_, test=te,
-        user_ids=np.array([f"u{k}" for k in range(nu)]),
-        item_ids=np.array([f"i{k}" for k in range(ni)]),
-        description=desc, source=f"builtin:{name}",
-    )
+    return tr, va_, te
 
 
 def load_builtin(name: str, *, seed: int = 0, **options: Any) -> MultiBehaviorData:

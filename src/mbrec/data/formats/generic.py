@@ -1,4 +1,4 @@
-"""The generic format: ``interactions.csv|.tsv|.parquet`` + ``dataset.yaml`` (design.md contract).
+"""The generic format: ``interactions.csv|.tsv|.parquet`` + ``dataset.yaml`` (documented in docs/data.md).
 
 Columns: ``user``, ``item``, ``behavior`` (required), ``timestamp``, ``split`` (optional; values
 ``train``/``valid``/``test``). Ids are arbitrary strings. ``dataset.yaml`` keys:
@@ -210,119 +210,17 @@ def load(path: Path, *, name: str, seed: int = 0, **options: Any) -> MultiBehavi
     table = next(path / f for f in FILES if (path / f).is_file())
     ypath = path / "dataset.yaml"
     meta = _read_yaml(ypath)
-    behaviors: list[str] = meta["behaviors"]
-    notes: list[str] = []
-    target = str(meta.get("target", behaviors[-1]))
-    if target not in behaviors:
-        raise DataError(f"target {target!r} is not in behaviors {behaviors}", path=ypath,
-                        value=target)
-    if behaviors[-1] != target:
-        behaviors = [b for b in behaviors if b != target] + [target]
-        notes.append(f"Target {target!r} moved last.")
-
+    behaviors, target, notes = _order_behaviors(meta, ypath)
     df = _Table(table)
-    offset = 1 if table.suffix == ".parquet" else 2
     _check_columns(df.columns, table)
-    n_rows = len(df)
-    if n_rows == 0:
+    if len(df) == 0:
         raise DataError("no interaction rows", path=table)
-    ucodes, ufound = df.codes("user")
-    icodes, ifound = df.codes("item")
-    bcodes, bfound = df.codes("behavior")
-    for col, codes, found in (("user", ucodes, ufound), ("item", icodes, ifound)):
-        empty = found[codes] == "" if (found == "").any() else None
-        if empty is not None:
-            k = int(np.flatnonzero(empty)[0])
-            raise DataError(f"empty {col} id", path=table, line=_line(table, offset, k), value="")
-    bmap = pd.Index(behaviors).get_indexer(bfound)
-    if (bmap < 0).any():
-        bad = sorted(bfound[bmap < 0].tolist())
-        k = int(np.flatnonzero(bmap[bcodes] < 0)[0])
-        raise DataError(
-            f"behavior(s) {bad} not declared in dataset.yaml {behaviors}{suggest(bad[0], behaviors)}",
-            path=table, line=_line(table, offset, k), value=str(bfound[bcodes[k]]),
-        )
-    bcodes = bmap[bcodes]
-    has_split = "split" in df.columns
-    if has_split:
-        scodes, sfound = df.codes("split")
-        smap = pd.Index(list(SPLITS)).get_indexer(sfound)
-        scodes = smap[scodes]
-        if (scodes < 0).any():
-            k = int(np.flatnonzero(scodes < 0)[0])
-            v = str(df.series("split").iloc[k]).strip()
-            raise DataError(f"split must be one of {list(SPLITS)}{suggest(v, SPLITS)}",
-                            path=table, line=_line(table, offset, k), value=v)
-    else:
-        scodes = np.zeros(n_rows, dtype=np.int64)
-    ts = None
-    if "timestamp" in df.columns:
-        raw_ts = df.series("timestamp")
-        num = pd.to_numeric(raw_ts, errors="coerce")
-        if num.isna().any():
-            dt = pd.to_datetime(raw_ts, errors="coerce", utc=True)
-            if dt.isna().any():
-                k = int(np.flatnonzero(dt.isna().to_numpy())[0])
-                raise DataError("timestamp is neither a number nor a date", path=table,
-                                line=_line(table, offset, k), value=str(raw_ts.iloc[k]))
-            num = pd.Series(dt.astype("int64"), index=raw_ts.index)
-        ts = num.to_numpy(dtype=np.float64)
-
-    counts = np.bincount(bcodes, minlength=len(behaviors))
-    for b, c in zip(behaviors, counts):
-        if c == 0:
-            raise DataError(f"dataset.yaml lists behavior {b!r} but the file has no rows for it",
-                            path=table, value=b)
-
-    universes = {}
-    for key in ("users", "items"):
-        universes[key] = _read_ids(path, meta[key], ypath) if key in meta else None
-    umap, user_ids = _index(ufound, universes["users"])
-    imap, item_ids = _index(ifound, universes["items"])
-    ucodes, icodes = umap[ucodes], imap[icodes]
-    for col, codes, found, cmap in (("user", ucodes, ufound, umap), ("item", icodes, ifound, imap)):
-        if (codes < 0).any():
-            k = int(np.flatnonzero(codes < 0)[0])
-            raise DataError(f"{col} id not in the {col}s file named in dataset.yaml",
-                            path=table, line=_line(table, offset, k),
-                            value=str(found[np.flatnonzero(cmap < 0)[0]]))
-    for key, n in (("n_users", len(user_ids)), ("n_items", len(item_ids))):
-        if key in meta and int(meta[key]) != n:
-            raise DataError(f"dataset.yaml declares {key}: {meta[key]} but the file has {n:,}",
-                            path=ypath, value=meta[key])
-    if has_split and universes["users"] is None:
-        _check_heldout_known(table, offset, scodes, ucodes, "user", user_ids)
-    if has_split and universes["items"] is None:
-        _check_heldout_known(table, offset, scodes, icodes, "item", item_ids)
-
-    # Duplicates collapse to the earliest row of each (user, item, behavior, split).
-    n_users, n_items = len(user_ids), len(item_ids)
-    nb = len(behaviors)
-    order = np.argsort(ts, kind="stable") if ts is not None else np.arange(n_rows)
-    key = ((ucodes[order].astype(np.int64) * n_items + icodes[order]) * nb + bcodes[order]) * 3
-    key += scodes[order]
-    _, first = np.unique(key, return_index=True)
-    rows = order[np.sort(first)]
-    fu, fi = ucodes[rows].astype(np.int64), icodes[rows].astype(np.int64)
-    fb, fs = bcodes[rows].astype(np.int64), scodes[rows].astype(np.int64).copy()
-    tcode = nb - 1
-    if not has_split:
-        tsel = np.flatnonzero(fb == tcode)
-        rng = np.random.default_rng(seed)
-        is_valid, is_test = leave_one_out(fu[tsel], rng, None if ts is None else ts[rows][tsel])
-        fs[tsel[is_valid]] = 1
-        fs[tsel[is_test]] = 2
-        how = "latest by timestamp" if ts is not None else f"random (seed {seed})"
-        notes.append(
-            f"No split column: leave-one-out split of {target!r}, {how}: test for users with "
-            f">= 2 {target} items ({int(is_test.sum()):,}), valid for users with >= 3 "
-            f"({int(is_valid.sum()):,})."
-        )
-    mats: dict[str, dict[str, Any]] = {s: {} for s in SPLITS}
-    for k, b in enumerate(behaviors):
-        for j, s in enumerate(SPLITS):
-            sel = (fb == k) & (fs == j)
-            mats[s][b] = pairs_to_csr(fu[sel], fi[sel], n_users, n_items)
+    rows = _Rows.read(df, table, behaviors)
+    user_ids, item_ids = _map_ids(rows, path, meta, ypath)
+    fu, fi, fb, fs, kept_ts = _collapse_duplicates(rows, len(item_ids), len(behaviors))
+    if not rows.has_split:
+        notes.append(_leave_one_out(fu, fb, fs, kept_ts, len(behaviors) - 1, target, seed))
+    mats = _matrices(fu, fi, fb, fs, behaviors, len(user_ids), len(item_ids))
     if mats["train"][target].nnz == 0:
         raise DataError(f"the target behavior {target!r} has no training rows", path=table)
     desc = meta.get("description") or ""
@@ -333,6 +231,158 @@ def load(path: Path, *, name: str, seed: int = 0, **options: Any) -> MultiBehavi
         train=mats["train"], valid=mats["valid"], test=mats["test"],
         user_ids=user_ids, item_ids=item_ids, description=desc.strip(), source=str(path),
     )
+
+
+def _order_behaviors(meta: dict[str, Any], ypath: Path) -> tuple[list[str], str, list[str]]:
+    """``(behaviors with the target last, target, notes)`` from dataset.yaml."""
+    behaviors: list[str] = meta["behaviors"]
+    notes: list[str] = []
+    target = str(meta.get("target", behaviors[-1]))
+    if target not in behaviors:
+        raise DataError(f"target {target!r} is not in behaviors {behaviors}", path=ypath,
+                        value=target)
+    if behaviors[-1] != target:
+        behaviors = [b for b in behaviors if b != target] + [target]
+        notes.append(f"Target {target!r} moved last.")
+    return behaviors, target, notes
+
+
+class _Rows:
+    """The table's rows as integer codes: users and items (codes into the distinct values
+    ``ufound``/``ifound``), behavior index, split index (0 train, 1 valid, 2 test), timestamps."""
+
+    def __init__(self, table: Path, ucodes: np.ndarray, ufound: np.ndarray, icodes: np.ndarray,
+                 ifound: np.ndarray, bcodes: np.ndarray, scodes: np.ndarray, has_split: bool,
+                 ts: np.ndarray | None) -> None:
+        self.table, self.offset = table, 1 if table.suffix == ".parquet" else 2
+        self.ucodes, self.ufound, self.icodes, self.ifound = ucodes, ufound, icodes, ifound
+        self.bcodes, self.scodes, self.has_split, self.ts = bcodes, scodes, has_split, ts
+
+    @classmethod
+    def read(cls, df: _Table, table: Path, behaviors: list[str]) -> "_Rows":
+        offset = 1 if table.suffix == ".parquet" else 2
+        ucodes, ufound = df.codes("user")
+        icodes, ifound = df.codes("item")
+        for col, codes, found in (("user", ucodes, ufound), ("item", icodes, ifound)):
+            if (found == "").any():
+                k = int(np.flatnonzero(found[codes] == "")[0])
+                raise DataError(f"empty {col} id", path=table, line=_line(table, offset, k), value="")
+        bcodes = _behavior_codes(df, table, offset, behaviors)
+        has_split = "split" in df.columns
+        scodes = _split_codes(df, table, offset) if has_split else np.zeros(len(df), dtype=np.int64)
+        ts = _timestamps(df, table, offset) if "timestamp" in df.columns else None
+        return cls(table, ucodes, ufound, icodes, ifound, bcodes, scodes, has_split, ts)
+
+    def line(self, row: int) -> int:
+        return _line(self.table, self.offset, row)
+
+
+
+def _behavior_codes(df: _Table, table: Path, offset: int, behaviors: list[str]) -> np.ndarray:
+    """Each row's behavior index; every declared behavior must have rows."""
+    bcodes, bfound = df.codes("behavior")
+    bmap = pd.Index(behaviors).get_indexer(bfound)
+    if (bmap < 0).any():
+        bad = sorted(bfound[bmap < 0].tolist())
+        k = int(np.flatnonzero(bmap[bcodes] < 0)[0])
+        raise DataError(
+            f"behavior(s) {bad} not declared in dataset.yaml {behaviors}{suggest(bad[0], behaviors)}",
+            path=table, line=_line(table, offset, k), value=str(bfound[bcodes[k]]),
+        )
+    bcodes = bmap[bcodes]
+    counts = np.bincount(bcodes, minlength=len(behaviors))
+    for b, c in zip(behaviors, counts):
+        if c == 0:
+            raise DataError(f"dataset.yaml lists behavior {b!r} but the file has no rows for it",
+                            path=table, value=b)
+    return bcodes
+
+
+def _split_codes(df: _Table, table: Path, offset: int) -> np.ndarray:
+    """Each row's split index (0 train, 1 valid, 2 test)."""
+    scodes, sfound = df.codes("split")
+    scodes = pd.Index(list(SPLITS)).get_indexer(sfound)[scodes]
+    if (scodes < 0).any():
+        k = int(np.flatnonzero(scodes < 0)[0])
+        v = str(df.series("split").iloc[k]).strip()
+        raise DataError(f"split must be one of {list(SPLITS)}{suggest(v, SPLITS)}",
+                        path=table, line=_line(table, offset, k), value=v)
+    return scodes
+
+
+def _timestamps(df: _Table, table: Path, offset: int) -> np.ndarray:
+    """Timestamps as float seconds: numbers as they are, dates parsed (UTC nanoseconds)."""
+    raw_ts = df.series("timestamp")
+    num = pd.to_numeric(raw_ts, errors="coerce")
+    if num.isna().any():
+        dt = pd.to_datetime(raw_ts, errors="coerce", utc=True)
+        if dt.isna().any():
+            k = int(np.flatnonzero(dt.isna().to_numpy())[0])
+            raise DataError("timestamp is neither a number nor a date", path=table,
+                            line=_line(table, offset, k), value=str(raw_ts.iloc[k]))
+        num = pd.Series(dt.astype("int64"), index=raw_ts.index)
+    return num.to_numpy(dtype=np.float64)
+
+
+def _map_ids(rows: _Rows, path: Path, meta: dict[str, Any], ypath: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Replace the rows' codes by indices into the id universe; returns ``(user_ids, item_ids)``."""
+    universes = {key: _read_ids(path, meta[key], ypath) if key in meta else None for key in ("users", "items")}
+    umap, user_ids = _index(rows.ufound, universes["users"])
+    imap, item_ids = _index(rows.ifound, universes["items"])
+    rows.ucodes, rows.icodes = umap[rows.ucodes], imap[rows.icodes]
+    for col, codes, found, cmap in (("user", rows.ucodes, rows.ufound, umap), ("item", rows.icodes, rows.ifound, imap)):
+        if (codes < 0).any():
+            k = int(np.flatnonzero(codes < 0)[0])
+            raise DataError(f"{col} id not in the {col}s file named in dataset.yaml",
+                            path=rows.table, line=rows.line(k), value=str(found[np.flatnonzero(cmap < 0)[0]]))
+    for key, n in (("n_users", len(user_ids)), ("n_items", len(item_ids))):
+        if key in meta and int(meta[key]) != n:
+            raise DataError(f"dataset.yaml declares {key}: {meta[key]} but the file has {n:,}",
+                            path=ypath, value=meta[key])
+    if rows.has_split and universes["users"] is None:
+        _check_heldout_known(rows.table, rows.offset, rows.scodes, rows.ucodes, "user", user_ids)
+    if rows.has_split and universes["items"] is None:
+        _check_heldout_known(rows.table, rows.offset, rows.scodes, rows.icodes, "item", item_ids)
+    return user_ids, item_ids
+
+
+def _collapse_duplicates(rows: _Rows, n_items: int, nb: int) -> tuple[Any, ...]:
+    """Keep the earliest row of each (user, item, behavior, split); ``(users, items, behaviors,
+    splits, timestamps or None)`` of the kept rows, in file order."""
+    ts = rows.ts
+    order = np.argsort(ts, kind="stable") if ts is not None else np.arange(len(rows.ucodes))
+    key = ((rows.ucodes[order].astype(np.int64) * n_items + rows.icodes[order]) * nb + rows.bcodes[order]) * 3
+    key += rows.scodes[order]
+    _, first = np.unique(key, return_index=True)
+    kept = order[np.sort(first)]
+    return (rows.ucodes[kept].astype(np.int64), rows.icodes[kept].astype(np.int64),
+            rows.bcodes[kept].astype(np.int64), rows.scodes[kept].astype(np.int64).copy(),
+            None if ts is None else ts[kept])
+
+
+def _leave_one_out(fu: np.ndarray, fb: np.ndarray, fs: np.ndarray, ts: np.ndarray | None, tcode: int,
+                   target: str, seed: int) -> str:
+    """No split column: hold out the target per user (``fs`` is updated in place); returns the note."""
+    tsel = np.flatnonzero(fb == tcode)
+    rng = np.random.default_rng(seed)
+    is_valid, is_test = leave_one_out(fu[tsel], rng, None if ts is None else ts[tsel])
+    fs[tsel[is_valid]] = 1
+    fs[tsel[is_test]] = 2
+    how = "latest by timestamp" if ts is not None else f"random (seed {seed})"
+    return (f"No split column: leave-one-out split of {target!r}, {how}: test for users with "
+            f">= 2 {target} items ({int(is_test.sum()):,}), valid for users with >= 3 "
+            f"({int(is_valid.sum()):,}).")
+
+
+def _matrices(fu: np.ndarray, fi: np.ndarray, fb: np.ndarray, fs: np.ndarray, behaviors: list[str],
+              n_users: int, n_items: int) -> dict[str, dict[str, Any]]:
+    """``{split: {behavior: CSR}}``."""
+    mats: dict[str, dict[str, Any]] = {s: {} for s in SPLITS}
+    for k, b in enumerate(behaviors):
+        for j, s in enumerate(SPLITS):
+            sel = (fb == k) & (fs == j)
+            mats[s][b] = pairs_to_csr(fu[sel], fi[sel], n_users, n_items)
+    return mats
 
 
 def _check_heldout_known(
