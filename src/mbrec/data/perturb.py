@@ -1,4 +1,5 @@
-"""Auxiliary-edge perturbation (RMBRec §4.4 noise study; reference-models §2.8 and §9.2).
+"""Auxiliary-edge perturbation (the noise study of the RMBRec paper, §4.4; the choices are
+explained in docs/data.md, "Perturbation").
 
 For each auxiliary behavior ``b`` separately, with ``n_b`` its training edge count:
 
