@@ -59,3 +59,18 @@ def test_build_config_checks_declared_options(override: str, message: str) -> No
     with pytest.raises(ConfigError) as e:
         build_config("lightgcn", "synthetic", overrides=[override])
     assert str(e.value) == message
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("protocol.ks=[a]", "protocol.ks = ('a',) (element 'a'); allowed: >= 1"),
+        ("protocol.ks=[2.5]", "protocol.ks = [2.5]; allowed: a non-empty list of whole numbers >= 1"),
+        ("protocol.mask=foo", "protocol.mask = 'foo'; allowed: one of 'target', 'behavior', 'all', 'none'"),
+        ("protocol.n_negatives=0", "protocol.n_negatives = 0; allowed: >= 1"),
+    ],
+)
+def test_protocol_fields_are_declared_options(override: str, message: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        build_config("lightgcn", "synthetic", overrides=[override])
+    assert str(e.value) == message

@@ -23,17 +23,9 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from mbrec.errors import ConfigError, UnknownNameError
+from mbrec.options import check_options, option
 
 METRICS = ("HR", "NDCG", "Recall", "Precision", "MRR")
-_CHOICES: dict[str, tuple[str, ...]] = {
-    "candidates": ("all", "sampled"),
-    "mask": ("target", "behavior", "all", "none"),
-    "hr": ("hit_rate", "hits_per_user"),
-    "ndcg": ("normalized", "dcg"),
-    "selection": ("validation", "test"),
-    "select_behavior": ("target", "sum", "each"),
-    "tasks": ("target", "all"),
-}
 
 
 @dataclass(frozen=True)
@@ -42,36 +34,36 @@ class Protocol:
 
     name: str = "default"
     #: rank all items, or the held-out items against ``n_negatives`` sampled unobserved items
-    candidates: str = "all"
-    n_negatives: int = 100
+    candidates: str = option("all", choices=("all", "sampled"))
+    n_negatives: int = option(100, min=1)
     #: training items removed from the ranking: of the target, of the evaluated behavior, of all
     #: behaviors, or none
-    mask: str = "target"
+    mask: str = option("target", choices=("target", "behavior", "all", "none"))
     #: ``hit_rate``: share of users with >= 1 held-out item in the top K;
     #: ``hits_per_user``: number of held-out items in the top K per user (COPF/PKEF code)
-    hr: str = "hit_rate"
+    hr: str = option("hit_rate", choices=("hit_rate", "hits_per_user"))
     #: ``normalized``: DCG / IDCG with IDCG over min(#held-out, K); ``dcg``: DCG alone (COPF/PKEF)
-    ndcg: str = "normalized"
+    ndcg: str = option("normalized", choices=("normalized", "dcg"))
     #: cut-offs; the selection metric's K is added when missing
-    ks: tuple[int, ...] = (10, 20)
+    ks: tuple[int, ...] = option((10, 20), min=1)
     #: which behaviors are evaluated: the target only, or every behavior the model scores
-    tasks: str = "target"
+    tasks: str = option("target", choices=("target", "all"))
     #: ``validation``: pick the epoch by a validation metric; ``test``: best-on-test (paper parity)
-    selection: str = "validation"
+    selection: str = option("validation", choices=("validation", "test"))
     select_metric: str = "NDCG@10"
     #: the selection metric of the target, or summed over all evaluated behaviors (one epoch for
     #: every task), or ``each``: every behavior at its own best epoch (a checkpoint per task)
-    select_behavior: str = "target"
+    select_behavior: str = option("target", choices=("target", "sum", "each"))
     metrics: tuple[str, ...] = METRICS
 
     def __post_init__(self) -> None:
-        for key, allowed in _CHOICES.items():
-            value = getattr(self, key)
-            if value not in allowed:
-                raise ConfigError(f"protocol.{key} = {value!r}; allowed: {list(allowed)}")
+        if isinstance(self.ks, (int, float)) and not isinstance(self.ks, bool):
+            object.__setattr__(self, "ks", (self.ks,))
+        check_options(self, "protocol")
+        whole = [k for k in self.ks if isinstance(k, int) or (isinstance(k, float) and k.is_integer())]
+        if not self.ks or len(whole) != len(self.ks):
+            raise ConfigError(f"protocol.ks = {list(self.ks)!r}; allowed: a non-empty list of whole numbers >= 1")
         ks = tuple(int(k) for k in self.ks)
-        if not ks or min(ks) < 1:
-            raise ConfigError(f"protocol.ks must be positive integers, got {self.ks!r}")
         object.__setattr__(self, "ks", tuple(sorted(set(ks))))
         object.__setattr__(self, "metrics", tuple(self.metrics))
         bad = [m for m in self.metrics if m not in METRICS]
