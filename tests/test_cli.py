@@ -83,3 +83,12 @@ def test_threads_flag_sets_torch_threads_and_rejects_zero(capsys):
         assert "--threads must be >= 1" in capsys.readouterr().err
     finally:
         torch.set_num_threads(before)
+
+
+def test_models_lists_one_models_options(capsys) -> None:
+    from mbrec.cli.main import main
+
+    assert main(["models", "lightgcn"]) == 0
+    out = capsys.readouterr().out
+    assert "embedding_dim" in out and "default 64" in out and ">= 1" in out
+    assert main(["models", "no-such-model"]) == 2

@@ -50,7 +50,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--device")
     p.set_defaults(func=cmd_recommend)
 
-    p = sub.add_parser("models", help="list the registered models")
+    p = sub.add_parser("models", help="list the registered models, or one model's options")
+    p.add_argument("model", nargs="?", help="show this model's options (model_args) with defaults and allowed values")
     p.set_defaults(func=cmd_models)
 
 
@@ -165,7 +166,17 @@ def cmd_recommend(args: argparse.Namespace) -> int:
 
 def cmd_models(args: argparse.Namespace) -> int:
     from mbrec.models.base import available_models, get_model_class
+    from mbrec.options import describe_options
 
+    if args.model:
+        cls = get_model_class(args.model)
+        print(f"{cls.name}: {cls.summary}")
+        print("options (--set model_args.NAME=VALUE):")
+        for name, default, allowed, doc in describe_options(cls.config_class):
+            print(f"  {name:18s} default {default!r}" + (f"; {allowed}" if allowed else "") + (f". {doc}" if doc else ""))
+        if cls.train_defaults:
+            print("training defaults: " + ", ".join(f"train.{k}={v!r}" for k, v in cls.train_defaults.items()))
+        return 0
     for name in available_models():
         cls = get_model_class(name)
         print(f"{name:10s} {cls.summary}")
