@@ -15,7 +15,6 @@ device. Metric definitions (per user, then averaged over the users with held-out
 from __future__ import annotations
 
 import math
-import time
 from typing import Any
 
 import numpy as np
@@ -229,15 +228,3 @@ def recommend(
         items[s : s + len(chunk)] = top_i.cpu().numpy()
         scores_out[s : s + len(chunk)] = top_s.cpu().numpy()
     return items, scores_out
-
-
-class Timer:
-    """``with Timer() as t: ...; t.seconds``."""
-
-    def __enter__(self) -> "Timer":
-        self.start = time.perf_counter()
-        self.seconds = 0.0
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.seconds = time.perf_counter() - self.start
