@@ -12,7 +12,8 @@ import torch
 from mbrec.data.container import MultiBehaviorData
 from mbrec.errors import ConfigError
 from mbrec.models.base import get_model_class
-from mbrec.models.bigel import BiGEL, BiGELConfig, Gate, cpa_info_nce
+from mbrec.losses import info_nce
+from mbrec.models.bigel import BiGEL, BiGELConfig, Gate
 
 DEV = torch.device("cpu")
 
@@ -152,12 +153,12 @@ def test_cpa_info_nce_hand_computed() -> None:
     # cosines: a0.b0 = 1, a0.b1 = r, a1.b0 = 0, a1.b1 = r
     l0 = -math.log(math.exp(1 / tau) / (math.exp(1 / tau) + math.exp(r / tau)))
     l1 = -math.log(math.exp(r / tau) / (math.exp(0.0) + math.exp(r / tau)))
-    assert float(cpa_info_nce(a, b, tau)) == pytest.approx((l0 + l1) / 2, rel=1e-6)
+    assert float(info_nce(a, b, tau)) == pytest.approx((l0 + l1) / 2, rel=1e-6)
     # full negatives: the candidates are a table of three rows, positives at rows 0 and 2
     table = torch.tensor([[3.0, 0.0], [0.0, -1.0], [1.0, 1.0]])
     f0 = -math.log(math.exp(1 / tau) / (math.exp(1 / tau) + math.exp(0.0) + math.exp(r / tau)))
     f1 = -math.log(math.exp(r / tau) / (math.exp(0.0) + math.exp(-1 / tau) + math.exp(r / tau)))
-    got = cpa_info_nce(a, table[[0, 2]], tau, table, torch.tensor([0, 2]))
+    got = info_nce(a, None, tau, negatives="table", candidates=table, targets=torch.tensor([0, 2]))
     assert float(got) == pytest.approx((f0 + f1) / 2, rel=1e-6)
 
 
@@ -167,7 +168,7 @@ def test_cpa_loss_is_user_plus_item_terms(tiny: MultiBehaviorData) -> None:
     users, items = torch.tensor([0, 2, 5]), torch.tensor([1, 4])
     n, tau = model.n_users, model.config.tau
     t, g = enc["target"], enc["glob"]
-    expected = cpa_info_nce(t[users], g[users], tau) + cpa_info_nce(t[n + items], g[n + items], tau)
+    expected = info_nce(t[users], g[users], tau) + info_nce(t[n + items], g[n + items], tau)
     torch.testing.assert_close(model.cpa_loss(t, g, users, items), expected)
 
 

@@ -8,9 +8,12 @@ import scipy.sparse as sp
 import torch
 
 from mbrec.data.container import MultiBehaviorData
+from mbrec.errors import ConfigError
 from mbrec.graph import bipartite, normalize_sym
-from mbrec.models._experts import PairSampler, bpr_mean, left_graphs
+from mbrec.losses import bpr
+from mbrec.models._experts import left_graphs
 from mbrec.models.copf import COPF, VARIANTS, COPFConfig
+from mbrec.sampling import PairSampler
 
 CPU = torch.device("cpu")
 
@@ -169,7 +172,7 @@ def _grad_of(m: COPF, g: dict, task: int, watch: int) -> torch.Tensor | None:
     emb["e"][watch].retain_grad()
     users = torch.tensor([0, 1, 2, 0, 1, 2])
     items = torch.tensor([0, 1, 2, 5, 6, 7])
-    bpr_mean(m._pair_scores(emb, task, users, items)).backward()
+    bpr(*m._pair_scores(emb, task, users, items).tensor_split(2)).backward()
     return emb["e"][watch].grad
 
 
@@ -187,7 +190,7 @@ def test_stop_gradient_options(tiny: MultiBehaviorData) -> None:
     for sg, expect_zero in (("all", True), ("intended", False)):
         m, g = _model(tiny, stop_gradient=sg)
         emb = m(g)
-        bpr_mean(m._pair_scores(emb, 1, torch.tensor([0, 1, 0, 1]), torch.tensor([0, 1, 4, 5]))).backward()
+        bpr(*m._pair_scores(emb, 1, torch.tensor([0, 1, 0, 1]), torch.tensor([0, 1, 4, 5])).tensor_split(2)).backward()
         grad = m.beh_emb.grad
         assert (grad is None or float(grad[1].abs().sum()) == 0.0) == expect_zero
 
@@ -267,11 +270,13 @@ def test_sampler_up_to_40_pairs_per_behavior_negatives() -> None:
 
 
 def test_config_validation(tiny: MultiBehaviorData) -> None:
-    with pytest.raises(ValueError, match="variant"):
+    with pytest.raises(ConfigError, match="variant"):
         COPF(tiny, COPFConfig(variant="Z"))
-    with pytest.raises(ValueError, match="layers"):
+    with pytest.raises(ConfigError, match="layers"):
         COPF(tiny, COPFConfig(layers=[1, 1]))
-    with pytest.raises(ValueError, match="stop_gradient"):
+    with pytest.raises(ConfigError, match="loss_weights"):
+        COPF(tiny, COPFConfig(loss_weights=[1.0]))
+    with pytest.raises(ConfigError, match="stop_gradient"):
         COPF(tiny, COPFConfig(stop_gradient="never"))
 
 

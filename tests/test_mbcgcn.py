@@ -13,7 +13,8 @@ from mbrec.data.container import MultiBehaviorData
 from mbrec.errors import ConfigError
 from mbrec.models.base import get_model_class
 from mbrec.graph import to_device
-from mbrec.models.mbcgcn import MBCGCN, MBCGCNConfig, PretrainGCN, RandomUserSampler, lightgcn_block
+from mbrec.models.mbcgcn import MBCGCN, MBCGCNConfig, PretrainGCN, lightgcn_block
+from mbrec.sampling import RandomUserSampler
 
 S2 = math.sqrt(2.0)
 

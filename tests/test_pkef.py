@@ -6,8 +6,9 @@ import numpy as np
 import torch
 
 from mbrec.data.container import MultiBehaviorData
-from mbrec.models._experts import PairSampler, left_graphs, project, unique_matrices
+from mbrec.models._experts import left_graphs, project, unique_matrices
 from mbrec.models.pkef import PKEF, PKEFConfig
+from mbrec.sampling import PairSampler
 
 CPU = torch.device("cpu")
 

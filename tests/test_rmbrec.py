@@ -11,15 +11,9 @@ import torch
 
 from mbrec.data.container import MultiBehaviorData
 from mbrec.errors import ConfigError
+from mbrec.losses import bpr, info_nce
 from mbrec.models.base import get_model_class
-from mbrec.models.rmbrec import (
-    RMBRec,
-    RMBRecConfig,
-    bpr_dw,
-    bpr_rows,
-    cross_view_nce,
-    intra_view_nce,
-)
+from mbrec.models.rmbrec import RMBRec, RMBRecConfig, bpr_dw
 
 D = 3
 BEHAVIORS = ("view", "cart", "buy")
@@ -241,6 +235,21 @@ def test_scipy_kernel_equals_torch_kernel() -> None:
 
 
 # ----------------------------------------------------------------------------- loss pieces
+def bpr_rows(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+    """The official BPRLoss before its mean: per-row ``-log(1e-10 + sigmoid(pos - neg))``."""
+    return bpr(pos, neg, form="log_eps", reduction="none")
+
+
+def cross_view_nce(anchor: torch.Tensor, views: torch.Tensor, tau: float) -> torch.Tensor:
+    """RRM as coded (unit rows), per auxiliary view."""
+    return info_nce(anchor, views, tau, symmetric=True, normalize=False)
+
+
+def intra_view_nce(anchor: torch.Tensor, views: torch.Tensor, tau: float) -> torch.Tensor:
+    """RRM as in the paper (Eq. 3), per auxiliary view."""
+    return info_nce(views, anchor, tau, negatives="query", normalize=False)
+
+
 def test_bpr_row_values_by_hand() -> None:
     # padding row: equal scores -> -log(1e-10 + 1/2) = log 2, zero gradient through pos - neg
     assert float(bpr_rows(torch.tensor([0.3]), torch.tensor([0.3]))) == pytest.approx(math.log(2), abs=1e-6)

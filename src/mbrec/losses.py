@@ -1,47 +1,129 @@
-"""Loss terms shared by several models. Model-specific variants live in the model files."""
+"""The loss forms the models share, each written once and parameterised by what differs.
+
+* :func:`bpr`: Bayesian personalized ranking, ``softplus`` or ``log_eps`` form, per row or as a
+  mean (optionally over the valid rows of a mask, or over every row with masked rows adding 0);
+* :func:`info_nce`: InfoNCE on (cosine) similarities over a temperature, with in-batch, table or
+  same-view negatives, one- or two-directional;
+* :func:`variance` (REx risk variance), :func:`l2` (sum of squares), :func:`masked_mean`.
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+#: the epsilon of the ``log_eps`` BPR form, ``-log(1e-10 + sigmoid(x))`` (CRGCN/RMBRec code)
+BPR_EPS = 1e-10
 
-def bpr(pos: torch.Tensor, neg: torch.Tensor, *, form: str = "softplus", reduction: str = "mean") -> torch.Tensor:
-    """Bayesian personalized ranking on score tensors.
 
-    ``form="softplus"``: ``softplus(neg - pos)`` = ``-log sigmoid(pos - neg)`` (LightGCN code).
-    ``form="log_eps"``: ``-log(1e-10 + sigmoid(pos - neg))`` (CRGCN/RMBRec code).
+def masked_mean(x: torch.Tensor, mask: torch.Tensor | None = None, dim: int = -1, *, over: str = "valid") -> torch.Tensor:
+    """Mean of ``x`` along ``dim``. With a ``mask`` the masked entries add 0 and the sum is divided
+    by the number of valid entries (``over="valid"``, at least 1) or by every entry
+    (``over="all"``: masked rows still count, like the official code's padding rows)."""
+    if mask is None:
+        return x.mean(dim)
+    m = mask.to(x.dtype)
+    if over == "all":
+        return (x * m).sum(dim) / x.shape[dim]
+    if over == "valid":
+        return (x * m).sum(dim) / m.sum(dim).clamp_min(1.0)
+    raise ValueError(f"unknown mean {over!r}; use 'valid' or 'all'")
+
+
+def bpr(
+    pos: torch.Tensor,
+    neg: torch.Tensor,
+    *,
+    form: str = "softplus",
+    reduction: str = "mean",
+    mask: torch.Tensor | None = None,
+    over: str = "valid",
+) -> torch.Tensor:
+    """Bayesian personalized ranking on score tensors ``pos``, ``neg`` (aligned rows).
+
+    ``form="softplus"``: ``softplus(neg - pos)`` = ``-log sigmoid(pos - neg)`` (LightGCN code);
+    ``form="log_eps"``: ``-log(1e-10 + sigmoid(pos - neg))`` (CRGCN/RMBRec code; a padding row
+    with ``pos == neg`` gives ``log 2`` with zero gradient).
+    ``reduction="none"``: the per-row losses; ``"mean"``: :func:`masked_mean` of them along the
+    last dimension (``mask`` and ``over`` as there). Without rows the mean is 0, not NaN.
     """
     diff = pos - neg
     if form == "softplus":
-        loss = F.softplus(-diff)
+        rows = F.softplus(-diff)
     elif form == "log_eps":
-        loss = -torch.log(1e-10 + torch.sigmoid(diff))
+        rows = -torch.log(BPR_EPS + torch.sigmoid(diff))
     else:
         raise ValueError(f"unknown BPR form {form!r}; use 'softplus' or 'log_eps'")
-    if reduction == "mean":
-        return loss.mean()
-    if reduction == "sum":
-        return loss.sum()
-    return loss
+    if reduction == "none":
+        return rows
+    if reduction != "mean":
+        raise ValueError(f"unknown reduction {reduction!r}; use 'mean' or 'none'")
+    if rows.shape[-1:] == (0,):
+        return rows.sum() * 0.0
+    return masked_mean(rows, mask, over=over)
 
 
-def info_nce(anchor: torch.Tensor, other: torch.Tensor, tau: float, *, symmetric: bool = False) -> torch.Tensor:
-    """In-batch InfoNCE with cosine similarity: row ``k`` of ``anchor`` and ``other`` are the
-    positive pair, every other row of ``other`` a negative. ``symmetric`` averages both directions."""
-    a = F.normalize(anchor, dim=1)
-    b = F.normalize(other, dim=1)
-    logits = a @ b.T / tau
-    labels = torch.arange(len(a), device=a.device)
-    loss = F.cross_entropy(logits, labels)
+def info_nce(
+    query: torch.Tensor,
+    positive: torch.Tensor | None,
+    tau: float,
+    *,
+    negatives: str = "in_batch",
+    candidates: torch.Tensor | None = None,
+    targets: torch.Tensor | None = None,
+    symmetric: bool = False,
+    normalize: bool = True,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """InfoNCE: per query row ``logsumexp(logits) - logit(positive)`` with ``logits = sim / tau``
+    and ``sim`` the inner product of L2-normalised rows (``normalize=False``: rows are used as
+    given, e.g. already unit length). ``query`` is ``[..., n, d]``; leading dimensions batch.
+
+    ``negatives`` (the other logits of a row; the positive is always in the denominator):
+
+    * ``in_batch``: row ``k`` of ``positive`` is the positive of query row ``k``, the other rows of
+      ``positive`` the negatives (``logits = q p^T``, positives on the diagonal);
+    * ``table``: every row of ``candidates`` ``[m, d]``; ``targets`` ``[n]`` indexes each query's
+      positive in it (``positive`` is ignored);
+    * ``query``: the other rows of ``query`` itself (same view), the positive from ``positive``.
+
+    ``symmetric`` (in-batch, mean only): ``1/2 (mean over rows + mean over columns)``, i.e. each
+    positive row is also a query against the query rows. ``reduction``: ``mean`` over the ``n``
+    rows (``[...]``), or ``none`` (``[..., n]``).
+    """
+    norm = (lambda x: F.normalize(x, dim=-1)) if normalize else (lambda x: x)
+    q = norm(query)
+    if negatives == "in_batch":
+        logits = (norm(positive) @ q.transpose(-1, -2)).transpose(-1, -2) / tau  # [..., n(query), n(positive)]
+        pos = torch.diagonal(logits, dim1=-2, dim2=-1)
+    elif negatives == "table":
+        if candidates is None or targets is None:
+            raise ValueError("info_nce(negatives='table') needs candidates and targets")
+        c = norm(candidates)
+        pos = (q * c[targets]).sum(-1) / tau
+        logits = q @ c.transpose(-1, -2) / tau
+    elif negatives == "query":
+        sim = q @ q.transpose(-1, -2) / tau
+        pos = (q * norm(positive)).sum(-1) / tau
+        eye = torch.eye(sim.shape[-1], dtype=torch.bool, device=sim.device)
+        logits = torch.where(eye, pos.unsqueeze(-1).expand_as(sim), sim)
+    else:
+        raise ValueError(f"unknown negatives {negatives!r}; use 'in_batch', 'table' or 'query'")
+    rows = torch.logsumexp(logits, -1) - pos
     if symmetric:
-        loss = 0.5 * (loss + F.cross_entropy(logits.T, labels))
-    return loss
+        if negatives != "in_batch" or reduction != "mean":
+            raise ValueError("info_nce(symmetric=True) needs in-batch negatives and reduction='mean'")
+        return 0.5 * (rows.mean(-1) + (torch.logsumexp(logits, -2) - pos).mean(-1))
+    if reduction == "none":
+        return rows
+    if reduction != "mean":
+        raise ValueError(f"unknown reduction {reduction!r}; use 'mean' or 'none'")
+    return rows.mean(-1)
 
 
-def variance(losses: torch.Tensor, *, unbiased: bool = True) -> torch.Tensor:
-    """Risk variance (REx) of a vector of per-environment losses."""
-    return losses.var(unbiased=unbiased) if len(losses) > 1 else losses.sum() * 0.0
+def variance(x: torch.Tensor, *, unbiased: bool = True, dim: int = 0) -> torch.Tensor:
+    """Risk variance (REx) along ``dim`` (per-environment losses or gradients); 0 for one entry."""
+    return x.var(dim, unbiased=unbiased) if x.shape[dim] > 1 else x.sum(dim) * 0.0
 
 
 def l2(*tensors: torch.Tensor) -> torch.Tensor:

@@ -2,28 +2,24 @@
 
 * graph builders: cumulative multigraphs with edge multiplicities, per-behavior graphs,
   "behavior k but not j" matrices; left normalisation ``D^{-1} A`` (empty rows stay 0);
-* :class:`PairSampler`: the official sampler (users in batches of 256; per behavior up to 40
-  positives per user drawn **with replacement** and as many negatives from the items the user
-  has not interacted with **under that behavior**); optional users-per-epoch subsampling and
-  PKEF's "unique" pairs;
 * :class:`GatedTower`: the softmax gate over experts (``W_g [e_u; e_v] + b_g``) and the tower
   (sum over dimensions x 300, or the mean), for sampled pairs and for full-item ranking, where
   the user and item halves of ``W_g`` are applied separately and broadcast (no per-pair loop).
+
+Their sampler is :class:`mbrec.sampling.PairSampler`; their BPR is :func:`mbrec.losses.bpr`.
 """
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 import scipy.sparse as sp
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mbrec.data.container import MultiBehaviorData
 from mbrec.graph import bipartite, normalize_left
-from mbrec.sampling import PositiveSet, sample_negatives
 
 # ----------------------------------------------------------------------------- graphs
 
@@ -72,80 +68,6 @@ def unique_matrices(data: MultiBehaviorData, skip: Sequence[str] = ()) -> dict[t
     return out
 
 
-# ----------------------------------------------------------------------------- sampling
-
-
-def sample_pairs(
-    R: sp.csr_matrix,
-    users: np.ndarray,
-    rng: np.random.Generator,
-    exclude: PositiveSet,
-    max_pairs: int,
-    cap: sp.csr_matrix | None = None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """For each user ``m = min(max_pairs, deg_R(u) [, deg_cap(u)])`` positives of ``R`` with
-    replacement and ``m`` negatives outside ``exclude``; returns ``(users, pos, neg)``."""
-    deg = (R.indptr[users + 1] - R.indptr[users]).astype(np.int64)
-    m = np.minimum(deg, max_pairs)
-    if cap is not None:
-        m = np.minimum(m, cap.indptr[users + 1] - cap.indptr[users])
-    rep = np.repeat(users, m)
-    start = np.repeat(R.indptr[users].astype(np.int64), m)
-    d = np.repeat(deg, m)
-    pos = R.indices[start + np.floor(rng.random(len(rep)) * d).astype(np.int64)].astype(np.int64)
-    neg = sample_negatives(rep, exclude, rng).astype(np.int64)
-    return rep.astype(np.int64), pos, neg
-
-
-class PairSampler:
-    """The COPF/PKEF training sampler.
-
-    Each epoch shuffles the users (keeping the first ``users_per_epoch`` when set, PKEF's
-    10,000) and yields batches of ``batch_users``. Per behavior ``k`` the batch holds
-    ``users_k``, ``pos_k``, ``neg_k`` (users with no positive under k contribute nothing). With
-    ``unique`` set, also ``uusers_k_j``, ``upos_k_j``, ``uneg_k_j`` drawn from ``B_k - B_j``:
-    ``min(40, deg_k, deg_unique)`` pairs per user, negatives outside the unique matrix.
-    """
-
-    def __init__(
-        self,
-        mats: Sequence[sp.csr_matrix],
-        *,
-        batch_users: int = 256,
-        max_pairs: int = 40,
-        users_per_epoch: int | None = None,
-        unique: dict[tuple[int, int], sp.csr_matrix] | None = None,
-    ) -> None:
-        self.mats = [sp.csr_matrix(m) for m in mats]
-        self.sets = [PositiveSet(m) for m in self.mats]
-        self.n_users = self.mats[0].shape[0]
-        self.batch_users = batch_users
-        self.max_pairs = max_pairs
-        self.users_per_epoch = users_per_epoch
-        self.unique = {kj: sp.csr_matrix(m) for kj, m in (unique or {}).items()}
-        self.unique_sets = {kj: PositiveSet(m) for kj, m in self.unique.items()}
-
-    def __len__(self) -> int:
-        n = self.n_users if self.users_per_epoch is None else min(self.n_users, self.users_per_epoch)
-        return -(-n // self.batch_users)
-
-    def batch(self, users: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        out: dict[str, np.ndarray] = {}
-        for k, (R, ex) in enumerate(zip(self.mats, self.sets)):
-            out[f"users_{k}"], out[f"pos_{k}"], out[f"neg_{k}"] = sample_pairs(R, users, rng, ex, self.max_pairs)
-        for (k, j), U in self.unique.items():
-            u, p, n = sample_pairs(U, users, rng, self.unique_sets[(k, j)], self.max_pairs, cap=self.mats[k])
-            out[f"uusers_{k}_{j}"], out[f"upos_{k}_{j}"], out[f"uneg_{k}_{j}"] = u, p, n
-        return out
-
-    def epoch(self, rng: np.random.Generator) -> Iterator[dict[str, np.ndarray]]:
-        order = rng.permutation(self.n_users)
-        if self.users_per_epoch is not None:
-            order = order[: self.users_per_epoch]
-        for s in range(0, len(order), self.batch_users):
-            yield self.batch(order[s : s + self.batch_users].astype(np.int64), rng)
-
-
 # ----------------------------------------------------------------------------- gate + tower
 
 
@@ -159,13 +81,12 @@ class GatedTower(nn.Module):
 
     ``n_gates = 1`` shares one gate by all tasks (official code); ``n_gates = K`` gives each
     task its own. Experts are Hadamard products ``a_u * b_v`` given as factor pairs ``(a, b)``.
-    Tower ``sum300``: ``scale * sum_m g_m sum_dims(a_u * b_v)``; ``mean``: the mean over dims.
+    Tower ``sum300``: ``scale * sum_m g_m sum_dims(a_u * b_v)``; any other value (``mean``,
+    the model configs' only other choice): the mean over dims.
     """
 
     def __init__(self, dim: int, n_experts: int, n_gates: int = 1, tower: str = "sum300", scale: float = 300.0) -> None:
         super().__init__()
-        if tower not in ("sum300", "mean"):
-            raise ValueError(f"unknown tower {tower!r}; use 'sum300' or 'mean'")
         self.weight = nn.Parameter(torch.empty(n_gates, 2 * dim, n_experts))
         self.bias = nn.Parameter(torch.zeros(n_gates, n_experts))
         for g in range(n_gates):  # Xavier-uniform on each [2d, M] matrix, as the TF FC layer
@@ -225,14 +146,6 @@ class GatedTower(nn.Module):
             inner = torch.stack([a[rows] @ bb.T for a, bb in experts], dim=-1)
             out[rows] = self.tower_scale * (g * inner).sum(-1)
         return out
-
-
-def bpr_mean(scores: torch.Tensor) -> torch.Tensor:
-    """``mean softplus(-(s+ - s-))`` over ``scores = [pos; neg]``; 0 when there are no pairs."""
-    n = scores.shape[0] // 2
-    if n == 0:
-        return scores.sum() * 0.0
-    return F.softplus(-(scores[:n] - scores[n:])).mean()
 
 
 def xavier_table(n: int, d: int) -> nn.Parameter:

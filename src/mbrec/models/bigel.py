@@ -2,7 +2,7 @@
 
 Paper: W. Lai, W. Pan, Z. Ming, "Towards Multi-Behavior Multi-Task Recommendation via
 Behavior-informed Graph Embedding Learning", arXiv 2601.07294 (2026). No official code exists;
-this is the reconstruction of ``docs/reference-models.md`` §5.3, every open choice (§9.7) an option.
+this is a reconstruction from the paper (``docs/models/bigel.md``), every open choice an option.
 
 What it does: (CGL) a cascade of LightGCNs, one per behavior in order, each starting from the
 previous behavior's output (residual hand-over); (CGF) the target embedding is fed back into each
@@ -11,7 +11,7 @@ per auxiliary behavior and added through a second gate; (CPA) InfoNCE aligns tar
 embeddings (users and items). Loss: one BPR per behavior, summed, + lambda*CPA + beta*L2. It ranks
 items for **every** behavior (multi-task model).
 
-Options for the §9.7 ambiguities (default first):
+Options for the paper's ambiguities (default first):
 
 * ``gate_input`` "aux" | "aux_target": gate = sigmoid(W LeakyReLU(x) + c) with x = the auxiliary
   embedding alone, or [auxiliary; target].
@@ -24,7 +24,7 @@ Options for the §9.7 ambiguities (default first):
 * ``layer_agg`` "mean" | "sum": aggregation of a LightGCN's layers. A CGL block aggregates layers
   1..L_k (layer 0 comes back through the residual); the global LightGCN aggregates layers 0..L_g.
 * ``residual`` "output" | "handover" | "none": e^(k) = LGCN_k(X_k) + X_k and X_{k+1} = e^(k)
-  (CRGCN-style, §5.3), or e^(k) = LGCN_k(X_k) with X_{k+1} = e^(k) + X_k, or no residual.
+  (CRGCN-style), or e^(k) = LGCN_k(X_k) with X_{k+1} = e^(k) + X_k, or no residual.
 * ``layers``: LightGCN depth per behavior in ``order``; default (1, 2, ..., K), i.e. JD (1, 2, 3).
   ``configs/bigel/bvae-jd.yaml`` uses (3, 3, 3), which won a validation screen on JD
   (``experiments/bigel-jd-tune.yaml``; ``results/bigel.md``).
@@ -39,7 +39,7 @@ Options for the §9.7 ambiguities (default first):
   ``reg`` beta = 1e-4 with ``reg_scope`` "batch" (LightGCN form: beta/2 * squared norms of the
   batch's ego embeddings / batch, per behavior) | "all" (beta * ||Theta||^2, Eq. 14 literally);
   ``embedding_dim`` d = 64; ``init_std`` 0.1 (normal init of P, Q).
-* Sampling: per behavior, triplets (u, i+ in train_b(u), j- not in train_b(u)) (``negatives``
+* Sampling (:class:`mbrec.sampling.PerBehaviorTripletSampler`): per behavior, triplets (u, i+ in train_b(u), j- not in train_b(u)) (``negatives``
   "behavior" | "union"); a batch holds ``batch_size`` triplets of every behavior; ``epoch_size``
   "target": one epoch = one shuffled pass over the target's training pairs, each auxiliary
   behavior contributing as many pairs, drawn without replacement from a fresh permutation
@@ -55,7 +55,7 @@ Options for the §9.7 ambiguities (default first):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 import scipy.sparse as sp
@@ -66,62 +66,39 @@ from torch import nn
 from mbrec.data.container import MultiBehaviorData
 from mbrec.errors import ConfigError
 from mbrec.graph import SparseGraph, bipartite, normalize_sym, to_device
-from mbrec.losses import bpr
-from mbrec.models.base import Batch, Model, ModelConfig, register
-from mbrec.sampling import PositiveSet, sample_negatives
-
-_CHOICES = {
-    "gate_input": ("aux", "aux_target"),
-    "cgf_source": ("target", "chain"),
-    "layer_agg": ("mean", "sum"),
-    "residual": ("output", "handover", "none"),
-    "global_graph": ("binary", "multiplicity"),
-    "cpa_negatives": ("in_batch", "full"),
-    "cpa_batch": ("target", "all", "target_rows"),
-    "reg_scope": ("batch", "all"),
-    "epoch_size": ("target", "largest", "each"),
-    "negatives": ("behavior", "union"),
-    "bpr_form": ("softplus", "log_eps"),
-}
+from mbrec.losses import bpr, info_nce, l2
+from mbrec.models.base import Model, ModelConfig, register
+from mbrec.options import option
+from mbrec.sampling import PerBehaviorTripletSampler, PositiveSet
 
 
 @dataclass
 class BiGELConfig(ModelConfig):
-    embedding_dim: int = 64
-    order: list[str] | None = None
-    layers: list[int] | None = None
-    layer_agg: str = "mean"
-    residual: str = "output"
-    use_cgf: bool = True
-    use_gce: bool = True
-    use_cpa: bool = True
-    gate_input: str = "aux"
-    enhance_items: bool = True
-    cgf_detach: bool = False
-    cgf_source: str = "target"
-    global_graph: str = "binary"
-    global_layers: int = 2
-    cpa_negatives: str = "in_batch"
-    cpa_batch: str = "target"
-    cpa_weight: float = 0.01
-    tau: float = 0.2
-    reg: float = 1e-4
-    reg_scope: str = "batch"
-    task_weights: dict[str, float] | None = None
-    init_std: float = 0.1
-    bpr_form: str = "softplus"
-    batch_size: int = 2048
-    epoch_size: str = "target"
-    negatives: str = "behavior"
-
-    def __post_init__(self) -> None:
-        for key, allowed in _CHOICES.items():
-            if getattr(self, key) not in allowed:
-                raise ConfigError(f"bigel.{key} = {getattr(self, key)!r}; allowed: {list(allowed)}")
-        if self.layers is not None and min(self.layers, default=0) < 1:
-            raise ConfigError(f"bigel.layers must be >= 1 per behavior, got {self.layers!r}")
-        if self.global_layers < 0 or self.tau <= 0 or self.batch_size < 1:
-            raise ConfigError("bigel: global_layers >= 0, tau > 0 and batch_size >= 1 are required")
+    order: list[str] | None = option(None, doc="behaviors upstream -> downstream, target last (null: dataset order)")
+    layers: list[int] | None = option(None, min=1, doc="LightGCN depth per behavior in order (null: 1, 2, ..., K)")
+    layer_agg: str = option("mean", choices=("mean", "sum"), doc="aggregation of a LightGCN's layers")
+    residual: str = option("output", choices=("output", "handover", "none"), doc="where the CGL residual enters")
+    use_cgf: bool = option(True, doc="cascading gated feedback (CGF) of the target into the auxiliaries")
+    use_gce: bool = option(True, doc="global context enhancement (GCE) from the all-behavior graph")
+    use_cpa: bool = option(True, doc="contrastive preference alignment (CPA) of target and global embeddings")
+    gate_input: str = option("aux", choices=("aux", "aux_target"), doc="gate input: auxiliary alone or [auxiliary; target]")
+    enhance_items: bool = option(True, doc="CGF and GCE also enhance item embeddings (else users only)")
+    cgf_detach: bool = option(False, doc="detach the target embedding CGF feeds back")
+    cgf_source: str = option("target", choices=("target", "chain"), doc="CGF feeds every auxiliary e^(K), or cascades backwards")
+    global_graph: str = option("binary", choices=("binary", "multiplicity"), doc="global graph edges: union, or weighted by count")
+    global_layers: int = option(2, min=0, doc="layers L_g of the global LightGCN")
+    cpa_negatives: str = option("in_batch", choices=("in_batch", "full"), doc="InfoNCE negatives: batch rows or the whole table")
+    cpa_batch: str = option("target", choices=("target", "all", "target_rows"), doc="rows CPA aligns (module docstring)")
+    cpa_weight: float = option(0.01, min=0, doc="lambda: weight of the CPA loss")
+    tau: float = option(0.2, gt=0, doc="InfoNCE temperature")
+    reg: float = option(1e-4, min=0, doc="beta: L2 weight")
+    reg_scope: str = option("batch", choices=("batch", "all"), doc="L2 on the batch's ego rows (LightGCN form) or all parameters (Eq. 14)")
+    task_weights: dict[str, float] | None = option(None, min=0, doc="BPR weight per behavior (null: all 1)")
+    init_std: float = option(0.1, gt=0, doc="standard deviation of the normal init of P, Q")
+    bpr_form: str = option("softplus", choices=("softplus", "log_eps"), doc="BPR form (mbrec.losses.bpr)")
+    batch_size: int = option(2048, min=1, doc="triplets of every behavior per batch")
+    epoch_size: str = option("target", choices=("target", "largest", "each"), doc="triplets per epoch (module docstring)")
+    negatives: str = option("behavior", choices=("behavior", "union"), doc="negatives outside the behavior's pairs or all behaviors'")
 
 
 def resolve_order(data: MultiBehaviorData, order: list[str] | None) -> tuple[str, ...]:
@@ -138,21 +115,6 @@ def resolve_order(data: MultiBehaviorData, order: list[str] | None) -> tuple[str
     return out
 
 
-def cpa_info_nce(anchor: torch.Tensor, positive: torch.Tensor, tau: float, candidates: torch.Tensor | None = None,
-                 rows: torch.Tensor | None = None) -> torch.Tensor:
-    """InfoNCE with cosine similarity. In-batch (``candidates`` None): row k of ``positive`` is the
-    positive of row k of ``anchor``, the other rows negatives. Full: ``candidates`` is the whole
-    table and ``rows`` the index of each anchor's positive in it."""
-    a = F.normalize(anchor, dim=1)
-    if candidates is None:
-        logits = a @ F.normalize(positive, dim=1).T / tau
-        labels = torch.arange(len(a), device=a.device)
-    else:
-        logits = a @ F.normalize(candidates, dim=1).T / tau
-        labels = rows
-    return F.cross_entropy(logits, labels)
-
-
 class Gate(nn.Module):
     """g = sigmoid(W LeakyReLU(x) + c), x = [inputs...] concatenated; output [n, d]."""
 
@@ -163,64 +125,6 @@ class Gate(nn.Module):
     def forward(self, *xs: torch.Tensor) -> torch.Tensor:
         x = xs[0] if len(xs) == 1 else torch.cat(xs, dim=1)
         return torch.sigmoid(self.linear(F.leaky_relu(x)))
-
-
-class BiGELSampler:
-    """Per-behavior BPR triplets; every batch has the same number of triplets of every behavior.
-
-    Batches are dicts of ``[K, m]`` int64 arrays ``users``, ``pos``, ``neg`` (row k = behavior k of
-    the cascade order). With ``proportional=True`` every behavior makes one pass over its own pairs
-    per epoch, split over the ``n_batches`` of the reference count; batches then hold
-    ``users_k``, ``pos_k``, ``neg_k`` (one 1-D array per behavior, sizes proportional to the
-    behaviors' pair counts)."""
-
-    def __init__(self, mats: list[sp.csr_matrix], excludes: list[PositiveSet], batch_size: int, ref: int,
-                 proportional: bool = False) -> None:
-        self.users = [np.repeat(np.arange(m.shape[0], dtype=np.int64), np.diff(m.indptr)) for m in mats]
-        self.items = [m.indices.astype(np.int64) for m in mats]
-        self.excludes = excludes
-        self.batch_size = batch_size
-        self.per_epoch = ref  # triplets per behavior per epoch (the reference behavior's, if proportional)
-        self.proportional = proportional
-
-    @property
-    def n_batches(self) -> int:
-        return -(-self.per_epoch // self.batch_size)
-
-    def __len__(self) -> int:
-        return self.n_batches
-
-    def epoch(self, rng: np.random.Generator) -> Iterator[Batch]:
-        if self.proportional:
-            yield from self._proportional_epoch(rng)
-            return
-        n = self.per_epoch
-        us, ps, ns = [], [], []
-        for users, items, excl in zip(self.users, self.items, self.excludes):
-            reps = -(-n // len(users))
-            idx = np.concatenate([rng.permutation(len(users)) for _ in range(reps)])[:n]
-            u = users[idx]
-            us.append(u)
-            ps.append(items[idx])
-            ns.append(sample_negatives(u, excl, rng))
-        U, P, N = np.stack(us), np.stack(ps), np.stack(ns)
-        for s in range(0, n, self.batch_size):
-            sl = slice(s, s + self.batch_size)
-            yield {"users": U[:, sl], "pos": P[:, sl], "neg": N[:, sl]}
-
-    def _proportional_epoch(self, rng: np.random.Generator) -> Iterator[Batch]:
-        nb = self.n_batches
-        cuts = []
-        for users, items, excl in zip(self.users, self.items, self.excludes):
-            idx = rng.permutation(len(users))
-            u = users[idx]
-            trip = (u, items[idx], sample_negatives(u, excl, rng))
-            cuts.append([np.array_split(a, nb) for a in trip])
-        for s in range(nb):
-            batch: Batch = {}
-            for k, (u, p, n) in enumerate(cuts):
-                batch[f"users_{k}"], batch[f"pos_{k}"], batch[f"neg_{k}"] = u[s], p[s], n[s]
-            yield batch
 
 
 @register("bigel")
@@ -271,7 +175,7 @@ class BiGEL(Model):
             graphs["global"] = to_device(normalize_sym(bipartite(R, binary=self.config.global_graph == "binary")), device, symmetric=True)
         return graphs
 
-    def make_sampler(self, data: MultiBehaviorData) -> BiGELSampler:
+    def make_sampler(self, data: MultiBehaviorData) -> PerBehaviorTripletSampler:
         mats = [data.train[b] for b in self.order]
         if self.config.negatives == "union":
             union = PositiveSet(data.train_union(self.order))
@@ -279,7 +183,8 @@ class BiGEL(Model):
         else:
             excludes = [PositiveSet(m) for m in mats]
         ref = max(m.nnz for m in mats) if self.config.epoch_size == "largest" else mats[-1].nnz
-        return BiGELSampler(mats, excludes, self.config.batch_size, ref, proportional=self.config.epoch_size == "each")
+        return PerBehaviorTripletSampler(mats, excludes, self.config.batch_size, ref,
+                                         proportional=self.config.epoch_size == "each")
 
     # ------------------------------------------------------------------ encoder
     def _lightgcn(self, g: SparseGraph, x: torch.Tensor, n_layers: int, include_ego: bool) -> torch.Tensor:
@@ -355,8 +260,9 @@ class BiGEL(Model):
         n, tau = self.n_users, self.config.tau
         tu, ti, gu, gi = target[:n], target[n:], glob[:n], glob[n:]
         if self.config.cpa_negatives == "in_batch":
-            return cpa_info_nce(tu[users], gu[users], tau) + cpa_info_nce(ti[items], gi[items], tau)
-        return cpa_info_nce(tu[users], gu[users], tau, gu, users) + cpa_info_nce(ti[items], gi[items], tau, gi, items)
+            return info_nce(tu[users], gu[users], tau) + info_nce(ti[items], gi[items], tau)
+        return (info_nce(tu[users], None, tau, negatives="table", candidates=gu, targets=users)
+                + info_nce(ti[items], None, tau, negatives="table", candidates=gi, targets=items))
 
     def _triplets(self, batch: Mapping[str, Any]) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """``[(users, pos, neg)]`` per behavior in cascade order, from either batch layout."""
@@ -389,10 +295,9 @@ class BiGEL(Model):
             terms[f"bpr_{b}"] = bpr((u * i).sum(-1), (u * j).sum(-1), form=c.bpr_form)
             total = total + self.task_weights[b] * terms[f"bpr_{b}"]
             if c.reg_scope == "batch":
-                ego = self.user_emb[Uk].pow(2).sum() + self.item_emb[Pk].pow(2).sum() + self.item_emb[Nk].pow(2).sum()
-                reg = reg + 0.5 * ego / len(Uk)
+                reg = reg + 0.5 * l2(self.user_emb[Uk], self.item_emb[Pk], self.item_emb[Nk]) / len(Uk)
         if c.reg_scope == "all":
-            reg = sum((p.pow(2).sum() for p in self.parameters()), reg)
+            reg = l2(*self.parameters())
         terms["reg"] = c.reg * reg
         total = total + terms["reg"]
         if c.use_cpa:
@@ -410,4 +315,4 @@ class BiGEL(Model):
         return terms
 
 
-__all__ = ["BiGEL", "BiGELConfig", "BiGELSampler", "Gate", "cpa_info_nce", "resolve_order"]
+__all__ = ["BiGEL", "BiGELConfig", "Gate", "resolve_order"]

@@ -12,7 +12,8 @@ Paper vs official code (TF 1.15, github 1918190/COPF@44e2c45), as options (defau
 * ``gate``: ``shared`` (code: one ``W_g`` for all tasks) | ``per_task`` (paper Eq. 13).
 * ``tower``: ``sum300`` (code: sum over dims x 300) | ``mean`` (paper: "average").
 * ``stop_gradient``: ``intended`` (default: Eq. 14, the fitting expert built from the target
-  behavior is detached inside every auxiliary task; the project's decision, reference §9.5) |
+  behavior is detached inside every auxiliary task; the project's decision, see
+  ``docs/models/copf.md``) |
   ``released`` (what the released code runs: a loop-variable bug disables the detach; this
   equals Table 3's "w/o back.").
 * ``alpha`` (``--index``, 0.1) scales the *other* behavior, ``beta`` (``--src``, 0.001) the task's
@@ -41,22 +42,27 @@ Paper vs official code (TF 1.15, github 1918190/COPF@44e2c45), as options (defau
   ``e_u^j * e_v^j`` (no fitting), stop-gradient intended.  ``wo_back``: stop-gradient released.
   ``all_sg``: every fitting expert detached in every task (what the code does when the MTL
   layer count equals K).  ``wo_fit``: ``wo_for`` and ``wo_back`` together.
+
+More: ``docs/models/copf.md``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mbrec.data.container import MultiBehaviorData
+from mbrec.errors import ConfigError
 from mbrec.graph import SparseGraph, bipartite, normalize_sym, to_device
-from mbrec.models._experts import GatedTower, PairSampler, bpr_mean, left_graphs, xavier_table
+from mbrec.losses import bpr, info_nce, l2
+from mbrec.models._experts import GatedTower, left_graphs, xavier_table
 from mbrec.models.base import Model, ModelConfig, register
+from mbrec.options import option
+from mbrec.sampling import PairSampler
 
 #: variant -> overrides of (pre, graph, encoder, head, fitting, stop_gradient, contrastive)
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -80,27 +86,24 @@ VARIANTS: dict[str, dict[str, Any]] = {
 
 @dataclass
 class COPFConfig(ModelConfig):
-    embedding_dim: int = 64
-    #: COGCN layers per behavior (one entry per behavior, or one entry for all)
-    layers: list[int] = field(default_factory=lambda: [1, 1, 1])
-    #: fitting-expert propagation layers per task
-    mtl_layers: list[int] = field(default_factory=lambda: [1, 1, 1])
-    alpha: float = 0.1  # --index, on the other behavior
-    beta: float = 0.001  # --src, on the task's own behavior
-    fit_scale: float = 0.1  # code 0.1, paper 1.0
-    gate: str = "shared"  # shared | per_task
-    tower: str = "sum300"  # sum300 | mean
-    tower_scale: float = 300.0
-    stop_gradient: str = "intended"  # intended | released | all
-    tau: float = 0.1
-    gamma: float = 1.0
-    reg: float = 0.01  # mu: L2 on the full embedding tables, W_g and W^l
-    #: lambda_k per behavior (None: 1/K each); Beibei (0, 2/6, 4/6), Taobao (2/6, 2/6, 2/6)
-    loss_weights: list[float] | None = None
-    batch_users: int = 256
-    max_pairs: int = 40
-    users_per_epoch: int | None = None
-    variant: str = "full"
+    layers: list[int] = option([1, 1, 1], min=0, doc="COGCN layers per behavior (one entry per behavior, or one for all)")
+    mtl_layers: list[int] = option([1, 1, 1], min=0, doc="fitting-expert propagation layers per task (one per behavior, or one)")
+    alpha: float = option(0.1, min=0, doc="--index: weight of the other behavior in F0")
+    beta: float = option(0.001, min=0, doc="--src: weight of the task's own behavior in F0")
+    fit_scale: float = option(0.1, min=0, doc="scale of every fitting expert: 0.1 (code) or 1.0 (paper Eq. 11)")
+    gate: str = option("shared", choices=("shared", "per_task"), doc="one gate W_g for all tasks (code) or one per task (Eq. 13)")
+    tower: str = option("sum300", choices=("sum300", "mean"), doc="tower: sum over dims x tower_scale (code) or mean (paper)")
+    tower_scale: float = option(300.0, gt=0, doc="factor of the sum300 tower")
+    stop_gradient: str = option("intended", choices=("intended", "released", "all"),
+                                doc="target fitting expert detached in auxiliary tasks (Eq. 14), not (released code), or all")
+    tau: float = option(0.1, gt=0, doc="InfoNCE temperature")
+    gamma: float = option(1.0, min=0, doc="weight of the contrastive loss (0: none)")
+    reg: float = option(0.01, min=0, doc="mu: L2 on the full embedding tables, W_g and W^l")
+    loss_weights: list[float] | None = option(None, min=0, doc="lambda_k per behavior (null: 1/K each); Beibei (0, 2/6, 4/6)")
+    batch_users: int = option(256, min=1, doc="users per batch")
+    max_pairs: int = option(40, min=1, doc="at most this many (positive, negative) pairs per user and behavior")
+    users_per_epoch: int | None = option(None, min=1, doc="random users per epoch (null: all)")
+    variant: str = option("full", choices=tuple(VARIANTS), doc="Table 3 row (module docstring)")
 
 
 @register("copf")
@@ -115,23 +118,17 @@ class COPF(Model):
     def __init__(self, data: MultiBehaviorData, config: COPFConfig) -> None:
         super().__init__(data, config)
         c = config
-        if c.variant not in VARIANTS:
-            raise ValueError(f"unknown COPF variant {c.variant!r}; choose from {list(VARIANTS)}")
         K, d = len(self.behaviors), c.embedding_dim
         spec = {"pre": "cumulative", "graph": "cumulative", "encoder": "cogcn", "head": "dfme",
                 "fitting": True, "stop_gradient": c.stop_gradient, "contrastive": c.gamma > 0}
         spec.update(VARIANTS[c.variant])
-        if spec["stop_gradient"] not in ("intended", "released", "all"):
-            raise ValueError(f"stop_gradient must be 'intended', 'released' or 'all', got {spec['stop_gradient']!r}")
-        if c.gate not in ("shared", "per_task"):
-            raise ValueError(f"gate must be 'shared' or 'per_task', got {c.gate!r}")
         self.spec = spec
         self.K = K
         self.layers = self._per_behavior(c.layers, "layers")
         self.mtl_layers = self._per_behavior(c.mtl_layers, "mtl_layers")
         w = c.loss_weights if c.loss_weights is not None else [1.0 / K] * K
         if len(w) != K:
-            raise ValueError(f"loss_weights has {len(w)} entries for {K} behaviors {list(self.behaviors)}")
+            raise ConfigError(f"model_args.loss_weights has {len(w)} entries for {K} behaviors {list(self.behaviors)}")
         self.lam = [float(x) for x in w]
         self.user_emb = xavier_table(self.n_users, d)
         self.item_emb = xavier_table(self.n_items, d)
@@ -146,7 +143,8 @@ class COPF(Model):
         if len(v) == 1:
             v = v * self.K
         if len(v) != self.K:
-            raise ValueError(f"{name} has {len(v)} entries for {self.K} behaviors {list(self.behaviors)}")
+            raise ConfigError(f"model_args.{name} has {len(v)} entries for {self.K} behaviors {list(self.behaviors)}; "
+                              "give one per behavior or a single value")
         return v
 
     # ------------------------------------------------------------------ graphs, sampler
@@ -239,35 +237,31 @@ class COPF(Model):
         total = e[0].new_zeros(())
         for ids, offset, n in ((users, 0, U), (items, U, self.n_items)):
             uniq, counts = torch.unique(ids, return_counts=True)
-            rows = uniq + offset
-            anchor = F.normalize(e[-1][rows], dim=1)
+            anchor = F.normalize(e[-1][uniq + offset], dim=1)
             for k in range(self.K - 1):
                 allk = F.normalize(e[k][offset : offset + n], dim=1)
-                pos = (anchor * allk[uniq]).sum(-1) / c.tau
-                lse = torch.logsumexp(anchor @ allk.T / c.tau, dim=1)
-                total = total + ((lse - pos) * counts).sum()
+                rows = info_nce(anchor, None, c.tau, negatives="table", candidates=allk, targets=uniq,
+                                normalize=False, reduction="none")
+                total = total + (rows * counts).sum()
         return c.gamma * total / U
 
     def loss(self, graphs: Any, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         emb = self(graphs, [k for k in range(self.K) if self.lam[k] != 0.0])
         out: dict[str, torch.Tensor] = {}
-        bpr = emb["e"][0].new_zeros(())
+        bpr_total = emb["e"][0].new_zeros(())
         for k, b in enumerate(self.behaviors):
             if self.lam[k] == 0.0:
                 continue  # zero weight: no gradient (the code computes it and multiplies by 0)
             u, p, n = batch[f"users_{k}"], batch[f"pos_{k}"], batch[f"neg_{k}"]
             s = self._pair_scores(emb, k, torch.cat([u, u]), torch.cat([p, n]))
-            term = 3.0 * self.lam[k] * bpr_mean(s)
+            term = 3.0 * self.lam[k] * bpr(*s.tensor_split(2))  # s = [positive scores; negative scores]
             out[f"bpr_{b}"] = term.detach()
-            bpr = bpr + term
+            bpr_total = bpr_total + term
         K = self.K - 1
         cl = (self.contrastive(emb, batch[f"users_{K}"], batch[f"pos_{K}"])
-              if self.spec["contrastive"] and self.config.gamma > 0 and self.K > 1 else bpr.new_zeros(()))
-        reg = self.user_emb.pow(2).sum() + self.item_emb.pow(2).sum() + self.head.weight.pow(2).sum()
-        for w in self.mtl_w:
-            reg = reg + w.pow(2).sum()
-        reg = self.config.reg * reg
-        out.update({"loss": bpr + cl + reg, "bpr": bpr.detach(), "cl": cl.detach(), "reg": reg.detach()})
+              if self.spec["contrastive"] and self.config.gamma > 0 and self.K > 1 else bpr_total.new_zeros(()))
+        reg = self.config.reg * l2(self.user_emb, self.item_emb, self.head.weight, *self.mtl_w)
+        out.update({"loss": bpr_total + cl + reg, "bpr": bpr_total.detach(), "cl": cl.detach(), "reg": reg.detach()})
         return out
 
     # ------------------------------------------------------------------ inference

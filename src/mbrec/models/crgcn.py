@@ -13,7 +13,7 @@ What it does:
 Official-code behaviour kept as the default (and the switches):
   * Sampler: every user once per epoch (batches of ``batch_size`` users); per behavior one
     ``(u, i+, j-)`` with ``j-`` outside the union of the user's training items over all behaviors
-    (:func:`mbrec.sampling.per_user_triplets`).
+    (:class:`mbrec.sampling.UserTripletSampler`).
   * Users lacking a behavior: the 1-based official code emits a padding triplet ``(0, 0, 0)``.
     Its score difference is exactly 0, so it adds the constant ``log 2`` with **zero gradient**
     but still counts in the batch mean. Here such rows are masked; ``padding="batch"``
@@ -28,56 +28,37 @@ Official-code behaviour kept as the default (and the switches):
     ranks the target stage only; because CRGCN holds one embedding per stage it can also rank
     every other behavior, so ``scored_behaviors`` is **every behavior** (used by the ``mmr``
     protocol). Target scores are the official ones.
+
+More: ``docs/models/crgcn.md``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
-import numpy as np
-import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mbrec.data.container import MultiBehaviorData
-from mbrec.errors import ConfigError
 from mbrec.graph import SparseGraph, bipartite, normalize_sym, split_nodes, to_device
 from mbrec.losses import bpr
 from mbrec.models.base import Model, ModelConfig, register
-from mbrec.sampling import PositiveSet, per_user_triplets, user_batches
+from mbrec.options import option
+from mbrec.sampling import UserTripletSampler
 
 
 @dataclass
 class CRGCNConfig(ModelConfig):
     """CRGCN hyperparameters (defaults: the official argparse / ``main.py``)."""
 
-    embedding_dim: int = 64
-    #: GCN layers per behavior (official: 1 for every dataset)
-    layers: int = 1
-    reg_weight: float = 1e-3
-    #: users per batch
-    batch_size: int = 1024
-    #: ``log_eps`` (official) or ``softplus``
-    bpr_form: str = "log_eps"
-    #: denominator of the per-behavior BPR mean: ``batch`` (official: padding rows count) or ``valid``
-    padding: str = "batch"
-
-
-class CRGCNSampler:
-    """Every user once per epoch in shuffled batches; one triplet per user per behavior."""
-
-    def __init__(self, matrices: list[sp.csr_matrix], union: sp.csr_matrix, batch_size: int) -> None:
-        self.matrices = [sp.csr_matrix(m) for m in matrices]
-        self.exclude = PositiveSet(union)
-        self.n_users = union.shape[0]
-        self.batch_size = int(batch_size)
-
-    def epoch(self, rng: np.random.Generator) -> Iterator[dict[str, np.ndarray]]:
-        for users in user_batches(self.n_users, self.batch_size, rng):
-            trip, valid = per_user_triplets(self.matrices, users, self.exclude, rng)
-            yield {"triplets": trip, "valid": valid}
+    layers: int = option(1, min=1, doc="GCN layers per behavior (official: 1 for every dataset)")
+    reg_weight: float = option(1e-3, min=0, doc="weight of the norm regulariser")
+    batch_size: int = option(1024, min=1, doc="users per batch")
+    bpr_form: str = option("log_eps", choices=("log_eps", "softplus"), doc="-log(1e-10 + sigmoid(x)) (official) or softplus")
+    padding: str = option("batch", choices=("batch", "valid"),
+                          doc="denominator of the per-behavior BPR mean: every row (official) or the valid rows")
 
 
 def residual_gcn_stage(graph: SparseGraph, x: torch.Tensor, biases: list[torch.Tensor]) -> torch.Tensor:
@@ -104,12 +85,6 @@ class CRGCN(Model):
     def __init__(self, data: MultiBehaviorData, config: CRGCNConfig) -> None:
         super().__init__(data, config)
         self.config: CRGCNConfig = config
-        if config.padding not in ("batch", "valid"):
-            raise ConfigError(f"crgcn: padding = {config.padding!r}; allowed: ['batch', 'valid']")
-        if config.bpr_form not in ("log_eps", "softplus"):
-            raise ConfigError(f"crgcn: bpr_form = {config.bpr_form!r}; allowed: ['log_eps', 'softplus']")
-        if config.layers < 1:
-            raise ConfigError(f"crgcn: layers = {config.layers}; needs at least 1")
         d = config.embedding_dim
         self.user_emb = nn.Parameter(nn.init.xavier_uniform_(torch.empty(self.n_users, d)))
         self.item_emb = nn.Parameter(nn.init.xavier_uniform_(torch.empty(self.n_items, d)))
@@ -126,8 +101,8 @@ class CRGCN(Model):
         """One ``D^{-1/2} A D^{-1/2}`` (no self-loops) per behavior, in behavior order."""
         return [to_device(normalize_sym(bipartite(data.train[b])), device, symmetric=True) for b in self.behaviors]
 
-    def make_sampler(self, data: MultiBehaviorData) -> CRGCNSampler:
-        return CRGCNSampler([data.train[b] for b in self.behaviors], data.train_union(), self.config.batch_size)
+    def make_sampler(self, data: MultiBehaviorData) -> UserTripletSampler:
+        return UserTripletSampler([data.train[b] for b in self.behaviors], data.train_union(), self.config.batch_size)
 
     def loss(self, graphs: list[SparseGraph], batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         stages = self.forward(graphs)
@@ -140,10 +115,8 @@ class CRGCN(Model):
             u = u_all[trip[:, k, 0]]
             diff_pos = (u * i_all[trip[:, k, 1]]).sum(-1)
             diff_neg = (u * i_all[trip[:, k, 2]]).sum(-1)
-            rows = bpr(diff_pos, diff_neg, form=self.config.bpr_form, reduction="none")
-            mask = valid[:, k].to(rows.dtype)
-            denom = len(rows) if self.config.padding == "batch" else mask.sum().clamp_min(1.0)
-            term = (rows * mask).sum() / denom
+            term = bpr(diff_pos, diff_neg, form=self.config.bpr_form, mask=valid[:, k],
+                       over="all" if self.config.padding == "batch" else "valid")
             terms[f"bpr_{b}"] = term
             total = total + term
         reg = self.config.reg_weight * (self.user_emb.norm() + self.item_emb.norm()) / (self.n_items + 1)

@@ -1,4 +1,4 @@
-"""LightGCN (He et al., SIGIR'20), as in the reference PyTorch code (gusye1234/LightGCN-PyTorch).
+"""LightGCN (He et al., SIGIR'20), as in the official PyTorch code (gusye1234/LightGCN-PyTorch).
 
 Propagates ego embeddings on a symmetric-normalised bipartite graph without self-loops,
 ``E^{l+1} = D^{-1/2} A D^{-1/2} E^l``, and averages layers ``0..L``; scores are inner
@@ -13,64 +13,36 @@ Options (``mode``):
   It ranks every behavior with the same embeddings (the masks differ per behavior).
 * ``per_behavior``: an independent LightGCN per behavior (separate tables, one block-diagonal
   graph so all behaviors propagate in one sparse product); each ranks its own behavior.
+
+Sampler: :class:`mbrec.sampling.InteractionSampler`. More: ``docs/models/lightgcn.md``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Mapping
+from typing import Mapping
 
-import numpy as np
 import scipy.sparse as sp
 import torch
 from torch import nn
 
 from mbrec.data.container import MultiBehaviorData
-from mbrec.errors import ConfigError
 from mbrec.graph import SparseGraph, bipartite, normalize_sym, to_device
-from mbrec.losses import bpr
+from mbrec.losses import bpr, l2
 from mbrec.models.base import Model, ModelConfig, register
-from mbrec.sampling import PositiveSet, interaction_triplets, sample_negatives
+from mbrec.options import option
+from mbrec.sampling import InteractionSampler
 
 
 @dataclass
 class LightGCNConfig(ModelConfig):
-    n_layers: int = 3
-    mode: str = "target"
-    bpr_on: str = "target"
-    batch_size: int = 2048
-    reg: float = 1e-4
-    init_std: float = 0.1
-
-
-class TripletSampler:
-    """One triplet per training pair per epoch; ``b`` tags the behavior of each triplet."""
-
-    def __init__(self, matrices: list[sp.csr_matrix], batch_size: int) -> None:
-        self.matrices = matrices
-        self.excludes = [PositiveSet(m) for m in matrices]
-        self.batch_size = batch_size
-
-    def epoch(self, rng: np.random.Generator) -> Iterator[dict[str, np.ndarray]]:
-        if len(self.matrices) == 1:
-            for u, i, j in interaction_triplets(self.matrices[0], self.excludes[0], self.batch_size, rng):
-                yield {"users": u, "pos": i, "neg": j, "b": np.zeros_like(u)}
-            return
-        users, items, tags = [], [], []
-        for k, m in enumerate(self.matrices):
-            users.append(np.repeat(np.arange(m.shape[0]), np.diff(m.indptr)))
-            items.append(m.indices.astype(np.int64))
-            tags.append(np.full(m.nnz, k))
-        u_all, i_all, b_all = (np.concatenate(x) for x in (users, items, tags))
-        order = rng.permutation(len(u_all))
-        for s in range(0, len(order), self.batch_size):
-            idx = order[s : s + self.batch_size]
-            u, b = u_all[idx], b_all[idx]
-            neg = np.empty_like(u)
-            for k, ex in enumerate(self.excludes):  # a handful of behaviors, not users
-                sel = b == k
-                neg[sel] = sample_negatives(u[sel], ex, rng)
-            yield {"users": u, "pos": i_all[idx], "neg": neg, "b": b}
+    n_layers: int = option(3, min=0, doc="propagation layers L (0: matrix factorisation)")
+    mode: str = option("target", choices=("target", "merged", "per_behavior"),
+                       doc="graph: the target's, all behaviors merged, or one LightGCN per behavior")
+    bpr_on: str = option("target", choices=("target", "graph"), doc="merged mode: BPR on the target's pairs or on all merged pairs")
+    batch_size: int = option(2048, min=1, doc="triplets per batch")
+    reg: float = option(1e-4, min=0, doc="L2 weight on the batch's ego embeddings")
+    init_std: float = option(0.1, gt=0, doc="standard deviation of the normal initialisation")
 
 
 @register("lightgcn")
@@ -81,10 +53,6 @@ class LightGCN(Model):
 
     def __init__(self, data: MultiBehaviorData, config: LightGCNConfig) -> None:
         super().__init__(data, config)
-        if config.mode not in ("target", "merged", "per_behavior"):
-            raise ConfigError(f"lightgcn mode {config.mode!r}; use target, merged or per_behavior")
-        if config.bpr_on not in ("target", "graph"):
-            raise ConfigError(f"lightgcn bpr_on {config.bpr_on!r}; use target or graph")
         self.cfg = config
         n_tables = len(self.behaviors) if config.mode == "per_behavior" else 1
         self.n_tables = n_tables
@@ -104,10 +72,10 @@ class LightGCN(Model):
         blocks = [normalize_sym(bipartite(m)) for m in self._matrices(data)]
         return to_device(sp.block_diag(blocks, format="csr"), device, symmetric=True)
 
-    def make_sampler(self, data: MultiBehaviorData) -> TripletSampler:
+    def make_sampler(self, data: MultiBehaviorData) -> InteractionSampler:
         if self.cfg.mode == "merged" and self.cfg.bpr_on == "target":
-            return TripletSampler([data.train[data.target]], self.cfg.batch_size)
-        return TripletSampler(self._matrices(data), self.cfg.batch_size)
+            return InteractionSampler([data.train[data.target]], self.cfg.batch_size)
+        return InteractionSampler(self._matrices(data), self.cfg.batch_size)
 
     # -- model ------------------------------------------------------------------------------
     def forward(self, graphs: SparseGraph) -> torch.Tensor:  # type: ignore[override]
@@ -129,11 +97,7 @@ class LightGCN(Model):
         eu, ei, ej = self._rows(emb, b, u, False), self._rows(emb, b, i, True), self._rows(emb, b, j, True)
         main = bpr((eu * ei).sum(1), (eu * ej).sum(1))
         ego = self.embedding.view(self.n_tables, self.n_users + self.n_items, -1)
-        reg = 0.5 * (
-            self._rows(ego, b, u, False).pow(2).sum()
-            + self._rows(ego, b, i, True).pow(2).sum()
-            + self._rows(ego, b, j, True).pow(2).sum()
-        ) / len(u)
+        reg = 0.5 * l2(self._rows(ego, b, u, False), self._rows(ego, b, i, True), self._rows(ego, b, j, True)) / len(u)
         return {"loss": main + self.cfg.reg * reg, "bpr": main, "reg": reg}
 
     def score(self, emb: torch.Tensor, users: torch.Tensor, behavior: str) -> torch.Tensor:

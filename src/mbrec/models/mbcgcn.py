@@ -24,7 +24,7 @@ Official-code behaviour kept as the default (and the switches):
     as the README does (it pretrains up to 1000 epochs on view; default here 0 = random init).
     ``pretrain_model`` picks the pretraining network:
       - ``lightgcn`` (default): mean of ``E, ÂE, ..., Â^L E``: the first ``_create_gcn_embed`` of
-        ``GCN.py``, and the pretraining our reference specification names;
+        ``GCN.py``, and the pretraining ``docs/models/mbcgcn.md`` specifies;
       - ``gcn``: what the official ``GCN.py`` runs as Python executes it. The file defines
         ``_create_gcn_embed`` twice and the second definition wins: ``E_{k+1} =
         leaky_relu(Â E_k W_k + b_k)`` (slope 0.2, TF's default; ``W_k``, ``b_k`` ~ N(0, 0.01²),
@@ -37,13 +37,16 @@ Official-code behaviour kept as the default (and the switches):
     scripts only connect after moving the checkpoint by hand.
     Measured cost and effect: ``results/baselines.md``, ``benchmarks/baselines.md``.
   * Scores only the target behavior.
+
+Samplers: :class:`mbrec.sampling.RandomUserSampler`, :class:`mbrec.sampling.InteractionSampler`.
+More: ``docs/models/mbcgcn.md``.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import scipy.sparse as sp
@@ -53,35 +56,28 @@ from torch import nn
 from mbrec.data.container import MultiBehaviorData
 from mbrec.errors import ConfigError
 from mbrec.graph import SparseGraph, bipartite, normalize_sym, split_nodes, to_device
-from mbrec.losses import bpr
+from mbrec.losses import bpr, l2
 from mbrec.models.base import Model, ModelConfig, register
-from mbrec.sampling import PositiveSet, interaction_triplets, sample_negatives, sample_positives
+from mbrec.options import option
+from mbrec.sampling import InteractionSampler, RandomUserSampler
 
 
 @dataclass
 class MBCGCNConfig(ModelConfig):
     """MB-CGCN hyperparameters (defaults: the official README / argparse)."""
 
-    embedding_dim: int = 64
-    #: LightGCN layers per behavior, upstream -> downstream (one value applies to every block)
-    layers: Sequence[int] | int = (2, 4, 3)
-    #: L2 weight on the batch's ego embeddings and the transfer matrices (``regs``)
-    reg_weight: float = 1e-4
-    batch_size: int = 2048
-    #: standard deviation of the normal initialisation of embeddings and transfer matrices
-    init_std: float = 0.01
-    #: ``random_users`` (official TF sampler) or ``interactions`` (one pass over target pairs)
-    sampler: str = "random_users"
-    #: epochs of LightGCN pretraining of the first block on the first behavior (0 = none)
-    pretrain_epochs: int = 0
-    pretrain_layers: int = 3
-    pretrain_lr: float = 1e-3
-    #: pretraining network: ``lightgcn`` (our reference specification) or ``gcn`` (the official
-    #: GCN.py as Python executes it); see the module docstring
-    pretrain_model: str = "lightgcn"
-
-
-_CHOICES = {"sampler": ("random_users", "interactions"), "pretrain_model": ("lightgcn", "gcn")}  # see _PRETRAIN_NETS
+    layers: Sequence[int] | int = option((2, 4, 3), min=0,
+                                         doc="LightGCN layers per behavior, upstream -> downstream (one int: every block)")
+    reg_weight: float = option(1e-4, min=0, doc="L2 weight on the batch's ego embeddings and the transfer matrices (regs)")
+    batch_size: int = option(2048, min=1, doc="triplets (users) per batch")
+    init_std: float = option(0.01, gt=0, doc="standard deviation of the normal init of embeddings and transfer matrices")
+    sampler: str = option("random_users", choices=("random_users", "interactions"),
+                          doc="official TF sampler (random users) or one pass over the target pairs")
+    pretrain_epochs: int = option(0, min=0, doc="epochs of pretraining of the first block on the first behavior (0: none)")
+    pretrain_layers: int = option(3, min=0, doc="layers of the pretraining network")
+    pretrain_lr: float = option(1e-3, gt=0, doc="Adam learning rate of the pretraining")
+    pretrain_model: str = option("lightgcn", choices=("lightgcn", "gcn"),
+                                 doc="pretraining network: LightGCN, or GCN.py as Python executes it (module docstring)")
 
 
 def lightgcn_block(graph: SparseGraph, x: torch.Tensor, n_layers: int) -> torch.Tensor:
@@ -92,38 +88,6 @@ def lightgcn_block(graph: SparseGraph, x: torch.Tensor, n_layers: int) -> torch.
         h = graph @ h
         out = out + h
     return out / (n_layers + 1)
-
-
-class RandomUserSampler:
-    """The NGCF/LightGCN-TF sampler: ``n_train // batch + 1`` batches per epoch, each of distinct
-    random users (with positives), one positive and one negative outside ``R[u]`` per user."""
-
-    def __init__(self, R: sp.csr_matrix, batch_size: int) -> None:
-        self.R = sp.csr_matrix(R)
-        self.exclude = PositiveSet(self.R)
-        self.users = np.flatnonzero(np.diff(self.R.indptr) > 0).astype(np.int64)
-        self.batch_size = int(batch_size)
-        self.n_batches = self.R.nnz // self.batch_size + 1
-
-    def epoch(self, rng: np.random.Generator) -> Iterator[dict[str, np.ndarray]]:
-        replace = self.batch_size > len(self.users)
-        for _ in range(self.n_batches):
-            users = rng.choice(self.users, size=self.batch_size, replace=replace)
-            pos, _ = sample_positives(self.R, users, rng)
-            yield {"users": users, "pos": pos, "neg": sample_negatives(users, self.exclude, rng)}
-
-
-class InteractionSampler:
-    """Every interaction of ``R`` once per epoch, shuffled, one negative each."""
-
-    def __init__(self, R: sp.csr_matrix, batch_size: int) -> None:
-        self.R = sp.csr_matrix(R)
-        self.exclude = PositiveSet(self.R)
-        self.batch_size = int(batch_size)
-
-    def epoch(self, rng: np.random.Generator) -> Iterator[dict[str, np.ndarray]]:
-        for u, p, n in interaction_triplets(self.R, self.exclude, self.batch_size, rng):
-            yield {"users": u, "pos": p, "neg": n}
 
 
 class PretrainLightGCN(nn.Module):
@@ -168,11 +132,10 @@ _PRETRAIN_NETS = {"lightgcn": PretrainLightGCN, "gcn": PretrainGCN}
 
 
 def make_triplet_sampler(kind: str, R: sp.csr_matrix, batch_size: int) -> RandomUserSampler | InteractionSampler:
-    if kind == "random_users":
-        return RandomUserSampler(R, batch_size)
+    """The ``sampler`` option's sampler over the pairs of ``R``."""
     if kind == "interactions":
-        return InteractionSampler(R, batch_size)
-    raise ConfigError(f"mbcgcn: sampler = {kind!r}; allowed: ['random_users', 'interactions']")
+        return InteractionSampler([R], batch_size)
+    return RandomUserSampler(R, batch_size)
 
 
 def bpr_l2_loss(
@@ -190,10 +153,7 @@ def bpr_l2_loss(
     s_pos = (u * item_emb[pos]).sum(-1)
     s_neg = (u * item_emb[neg]).sum(-1)
     loss_bpr = bpr(s_pos, s_neg, form="softplus")
-    sq = ego_user[users].pow(2).sum() + ego_item[pos].pow(2).sum() + ego_item[neg].pow(2).sum()
-    for t in extra:
-        sq = sq + t.pow(2).sum()
-    reg = reg_weight * 0.5 * sq / len(users)
+    reg = reg_weight * 0.5 * l2(ego_user[users], ego_item[pos], ego_item[neg], *extra) / len(users)
     return {"loss": loss_bpr + reg, "bpr": loss_bpr, "reg": reg}
 
 
@@ -219,14 +179,11 @@ class MBCGCN(Model):
         n_b = len(self.behaviors)
         layers = (config.layers,) if isinstance(config.layers, (int, np.integer)) else tuple(config.layers)
         self.layers: tuple[int, ...] = tuple(int(x) for x in (layers * n_b if len(layers) == 1 else layers))
-        if len(self.layers) != n_b or min(self.layers) < 0:
+        if len(self.layers) != n_b:
             raise ConfigError(
-                f"mbcgcn: layers = {list(self.layers)} needs one non-negative depth per behavior "
+                f"model_args.layers = {list(self.layers)} needs one non-negative depth per behavior "
                 f"{list(self.behaviors)} (or a single int)"
             )
-        for key, allowed in _CHOICES.items():
-            if getattr(config, key) not in allowed:
-                raise ConfigError(f"mbcgcn: {key} = {getattr(config, key)!r}; allowed: {list(allowed)}")
         d, std = config.embedding_dim, config.init_std
         self.user_emb = nn.Parameter(torch.randn(self.n_users, d) * std)
         self.item_emb = nn.Parameter(torch.randn(self.n_items, d) * std)

@@ -12,39 +12,42 @@ Official-code behavior kept (options): ``users_per_epoch = 10000`` (only 10,000 
 epoch; ``null`` trains on all), ``lr_decay_steps = 39`` (10000 // 256, hard-coded in the code for
 every dataset), ``layers = [4, 1, 1]``, ``loss_weights = (0, 4/6, 2/6)``, tower sum x 300,
 ``unique_skip`` (behaviors left out of the unique pairs; Tmall's ``cart`` in the code).
+
+More: ``docs/models/pkef.md``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
 
 from mbrec.data.container import MultiBehaviorData
+from mbrec.errors import ConfigError
 from mbrec.graph import SparseGraph, to_device
-from mbrec.models._experts import (GatedTower, PairSampler, bpr_mean, left_graphs, project,
-                                   unique_matrices, xavier_table)
+from mbrec.losses import bpr, l2
+from mbrec.models._experts import GatedTower, left_graphs, project, unique_matrices, xavier_table
 from mbrec.models.base import Model, ModelConfig, register
+from mbrec.options import option
+from mbrec.sampling import PairSampler
 
 
 @dataclass
 class PKEFConfig(ModelConfig):
-    embedding_dim: int = 64
-    layers: list[int] = field(default_factory=lambda: [4, 1, 1])
-    #: lambda_k per behavior (None: 1/K each); official Beibei/Taobao (0, 4/6, 2/6)
-    loss_weights: list[float] | None = None
-    injection: float = 0.3  # cascade: + 0.3 proj(parallel layer output onto the message)
-    expert_scale: float = 0.01  # PME projection experts and unique parts
-    tower: str = "sum300"
-    tower_scale: float = 300.0
-    gate: str = "shared"
-    reg: float = 0.01
-    batch_users: int = 256
-    max_pairs: int = 40
-    users_per_epoch: int | None = 10000
-    unique_loss: bool = True
-    unique_skip: list[str] = field(default_factory=list)
+    layers: list[int] = option([4, 1, 1], min=0, doc="GCN layers per behavior (one entry per behavior, or one for all)")
+    loss_weights: list[float] | None = option(None, min=0, doc="lambda_k per behavior (null: 1/K each); official (0, 4/6, 2/6)")
+    injection: float = option(0.3, min=0, doc="cascade: + injection x proj(parallel layer output onto the message)")
+    expert_scale: float = option(0.01, min=0, doc="factor of the PME projection experts and unique parts")
+    tower: str = option("sum300", choices=("sum300", "mean"), doc="tower: sum over dims x tower_scale (code) or mean")
+    tower_scale: float = option(300.0, gt=0, doc="factor of the sum300 tower")
+    gate: str = option("shared", choices=("shared", "per_task"), doc="one gate W_g for all tasks (code) or one per task")
+    reg: float = option(0.01, min=0, doc="L2 on the embedding tables and W_g")
+    batch_users: int = option(256, min=1, doc="users per batch")
+    max_pairs: int = option(40, min=1, doc="at most this many (positive, negative) pairs per user and behavior")
+    users_per_epoch: int | None = option(10000, min=1, doc="random users per epoch (code: 10000; null: all)")
+    unique_loss: bool = option(True, doc="auxiliary BPR on 'behavior k but not j' pairs with the orthogonal parts")
+    unique_skip: list[str] = option([], doc="behaviors left out of the unique pairs (code: Tmall's cart)")
 
 
 @register("pkef")
@@ -61,10 +64,11 @@ class PKEF(Model):
         layers = [int(x) for x in c.layers]
         self.layers = layers * K if len(layers) == 1 else layers
         if len(self.layers) != K:
-            raise ValueError(f"layers has {len(layers)} entries for {K} behaviors {list(self.behaviors)}")
+            raise ConfigError(f"model_args.layers has {len(layers)} entries for {K} behaviors {list(self.behaviors)}; "
+                              "give one per behavior or a single value")
         w = c.loss_weights if c.loss_weights is not None else [1.0 / K] * K
         if len(w) != K:
-            raise ValueError(f"loss_weights has {len(w)} entries for {K} behaviors {list(self.behaviors)}")
+            raise ConfigError(f"model_args.loss_weights has {len(w)} entries for {K} behaviors {list(self.behaviors)}")
         self.lam = [float(x) for x in w]
         self.user_emb = xavier_table(self.n_users, d)
         self.item_emb = xavier_table(self.n_items, d)
@@ -131,11 +135,12 @@ class PKEF(Model):
                 continue
             u, pos, neg = batch[f"users_{k}"], batch[f"pos_{k}"], batch[f"neg_{k}"]
             uu, ii = torch.cat([u, u]), torch.cat([pos, neg]) + U
-            par = bpr_mean(scale * (p[k][uu] * p[k][ii]).sum(-1))
+            # scores are stacked [positives; negatives]
+            par = bpr(*(scale * (p[k][uu] * p[k][ii]).sum(-1)).tensor_split(2))
             exu, _ = self.projection_experts(c, k, uu)
             exi, _ = self.projection_experts(c, k, ii)
             scores, gate = self.head.pairs(k, exu[0], exi[0], list(zip(exu, exi)), return_gate=True)
-            pme = bpr_mean(scores)
+            pme = bpr(*scores.tensor_split(2))
             # the gate's weight on the task's own expert: with the official defaults it falls to
             # ~0 for the target within the first ~100 steps and recovers later (results/pkef.md)
             out[f"gate_own_{b}"] = gate[:, 0].detach().mean() if len(gate) else gate.new_zeros(())
@@ -147,11 +152,11 @@ class PKEF(Model):
                 uu2, ii2 = torch.cat([u2, u2]), torch.cat([p2, n2]) + U
                 _, unu = self.projection_experts(c, k, uu2)
                 _, uni_i = self.projection_experts(c, k, ii2)
-                uni = uni + bpr_mean(scale * (unu[j] * uni_i[j]).sum(-1))
+                uni = uni + bpr(*(scale * (unu[j] * uni_i[j]).sum(-1)).tensor_split(2))
             w = 3.0 * self.lam[k]
             out[f"parallel_{b}"], out[f"pme_{b}"], out[f"unique_{b}"] = (w * par).detach(), (w * pme).detach(), (w * uni).detach()
             total = total + w * (par + pme + uni)
-        reg = self.config.reg * (self.user_emb.pow(2).sum() + self.item_emb.pow(2).sum() + self.head.weight.pow(2).sum())
+        reg = self.config.reg * l2(self.user_emb, self.item_emb, self.head.weight)
         out.update({"loss": total + reg, "bpr": total.detach(), "reg": reg.detach()})
         return out
 

@@ -43,12 +43,14 @@ products use SciPy's CSR kernels and the last layer is computed only for the row
 every row, as on GPU. Which is faster depends on the machine: SciPy took 43% less CPU on the
 first sessions' CPU, torch 22% less (one thread) and 45% less wall time (two threads) on the fifth
 session's (``benchmarks/rmbrec.md``); time both with ``benchmarks/bench_rmbrec.py --kernel``.
+
+More: ``docs/models/rmbrec.md``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Mapping
 
 import numpy as np
 import scipy.sparse as sp
@@ -59,69 +61,37 @@ from torch import nn
 from mbrec.data.container import MultiBehaviorData
 from mbrec.errors import ConfigError
 from mbrec.graph import SparseGraph, bipartite, normalize_sym, spmm, to_device
+from mbrec.losses import BPR_EPS, bpr, info_nce, masked_mean, variance
 from mbrec.models.base import Model, ModelConfig, register
-from mbrec.sampling import PositiveSet, per_user_triplets, user_batches
-
-BPR_EPS = 1e-10  # the code's -log(1e-10 + sigmoid(x))
-_CHOICES = {
-    "encoder": ("official", "lightgcn"),
-    "rrm": ("official", "paper"),
-    "orm": ("rex", "irm_v1_code", "irm_v2_code", "irm_v1_paper", "irm_v2_paper"),
-    "rex_variance": ("unbiased", "population"),
-    "padding": ("faithful", "masked"),
-    "cpu_kernel": ("scipy", "torch"),
-}
+from mbrec.options import option
+from mbrec.sampling import UserTripletSampler
 
 
 @dataclass
 class RMBRecConfig(ModelConfig):
     """Defaults are the official argparse defaults (Beibei's README uses ``lambda_cl=0.8``)."""
 
-    embedding_dim: int = 64
-    n_layers: int = 3
-    encoder: str = "official"
-    rrm: str = "official"
-    orm: str = "rex"
-    rex_variance: str = "unbiased"
-    padding: str = "faithful"
-    lambda_cl: float = 1.0
-    tau: float = 0.07
-    lambda_irm: float = 1.0
-    reg: float = 1e-3
-    batch_size: int = 1024
-    init_std: float = 0.1
-    degree_eps: float = 1e-7
-    drop_behaviors: list[str] = field(default_factory=list)
-    #: CPU product of the fused layers: ``scipy`` (SciPy's single-threaded CSR kernel plus a
-    #: last layer on the batch rows only) or ``torch`` (torch's CSR kernel, multi-threaded);
-    #: same values. Which is faster depends on the machine (``benchmarks/rmbrec.md``); GPUs
-    #: always use torch.
-    cpu_kernel: str = "scipy"
-
-
-class UserTripletSampler:
-    """Official RMBRec epoch: shuffled batches of users; per user and behavior one
-    ``(u, i+, j-)`` with ``j-`` rejected against the union of all (kept) behaviors."""
-
-    def __init__(self, matrices: list[sp.csr_matrix], exclude: sp.csr_matrix, batch_size: int) -> None:
-        self.matrices = [sp.csr_matrix(m) for m in matrices]
-        self.exclude = PositiveSet(exclude)
-        self.batch_size = batch_size
-        self.n_users = self.matrices[0].shape[0]
-
-    @property
-    def n_batches(self) -> int:
-        return -(-self.n_users // self.batch_size)
-
-    def epoch(self, rng: np.random.Generator) -> Iterator[dict[str, np.ndarray]]:
-        for users in user_batches(self.n_users, self.batch_size, rng):
-            trip, valid = per_user_triplets(self.matrices, users, self.exclude, rng)
-            yield {"triplets": trip, "valid": valid}
-
-
-def bpr_rows(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
-    """Per-row ``-log(1e-10 + sigmoid(pos - neg))`` (the official BPRLoss before its mean)."""
-    return -torch.log(BPR_EPS + torch.sigmoid(pos - neg))
+    n_layers: int = option(3, min=0, doc="encoder layers L per behavior")
+    encoder: str = option("official", choices=("official", "lightgcn"),
+                          doc="row-normalised layers summed (code) or plain LightGCN mean (paper)")
+    rrm: str = option("official", choices=("official", "paper"), doc="contrastive form: cross-view (code) or Eqs. 3-4")
+    orm: str = option("rex", choices=("rex", "irm_v1_code", "irm_v2_code", "irm_v1_paper", "irm_v2_paper"),
+                      doc="invariance penalty (module docstring)")
+    rex_variance: str = option("unbiased", choices=("unbiased", "population"), doc="REx variance: as coded or Eq. 7")
+    padding: str = option("faithful", choices=("faithful", "masked"),
+                          doc="rows of users without a behavior: the code's padding row, or left out")
+    lambda_cl: float = option(1.0, min=0, doc="weight of the RRM contrastive loss (0: w/o RRM)")
+    tau: float = option(0.07, gt=0, doc="InfoNCE temperature")
+    lambda_irm: float = option(1.0, min=0, doc="weight of the ORM penalty (0: w/o ORM)")
+    reg: float = option(1e-3, min=0, doc="L2 weight on the batch's propagated rows")
+    batch_size: int = option(1024, min=1, doc="users per batch")
+    init_std: float = option(0.1, gt=0, doc="standard deviation of the normal initialisation")
+    degree_eps: float = option(1e-7, min=0, doc="added to node degrees before D^-1/2 (code: 1e-7)")
+    drop_behaviors: list[str] = option([], doc="behaviors removed entirely (ablations w/o view, w/o cart)")
+    #: SciPy's single-threaded CSR kernel plus a last layer on the batch rows only, or torch's CSR
+    #: kernel (multi-threaded); same values. Which is faster depends on the machine
+    #: (``benchmarks/rmbrec.md``); GPUs always use torch.
+    cpu_kernel: str = option("scipy", choices=("scipy", "torch"), doc="CPU product of the fused layers")
 
 
 def bpr_dw(x: torch.Tensor, w: torch.Tensor | float) -> torch.Tensor:
@@ -170,34 +140,6 @@ class _NormalizedPropagation(torch.autograd.Function):
         return _matmul(ctx.A_t, gh), None, None
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor | None, dim: int = -1) -> torch.Tensor:
-    if mask is None:
-        return x.mean(dim)
-    m = mask.to(x.dtype)
-    return (x * m).sum(dim) / m.sum(dim).clamp_min(1.0)
-
-
-def cross_view_nce(anchor: torch.Tensor, views: torch.Tensor, tau: float) -> torch.Tensor:
-    """Official RRM per auxiliary view: ``S = a c^T / tau``, ``1/2 [CE(S) + CE(S^T)]`` with
-    identity labels. ``anchor`` ``[n, d]``, ``views`` ``[V, n, d]`` (unit rows); returns ``[V]``."""
-    s = torch.matmul(views, anchor.T).transpose(1, 2) / tau  # [V, n(anchor), n(view)]
-    diag = torch.diagonal(s, dim1=1, dim2=2)
-    ce_rows = (torch.logsumexp(s, 2) - diag).mean(1)
-    ce_cols = (torch.logsumexp(s, 1) - diag).mean(1)
-    return 0.5 * (ce_rows + ce_cols)
-
-
-def intra_view_nce(anchor: torch.Tensor, views: torch.Tensor, tau: float) -> torch.Tensor:
-    """Paper RRM (Eq. 3) per auxiliary view: anchor ``c_u`` (auxiliary), positive ``a_u``
-    (target), negatives ``c_u'`` (same auxiliary view, other users); the positive is in the
-    denominator (standard InfoNCE, the bound of Appendix A). Returns the mean over users ``[V]``."""
-    s = torch.matmul(views, views.transpose(1, 2)) / tau  # [V, n, n]
-    pos = (views * anchor.unsqueeze(0)).sum(-1) / tau  # [V, n]
-    eye = torch.eye(s.shape[1], dtype=torch.bool, device=s.device)
-    logits = torch.where(eye, pos.unsqueeze(2).expand_as(s), s)
-    return (torch.logsumexp(logits, 2) - pos).mean(1)
-
-
 @register("rmbrec")
 class RMBRec(Model):
     config_class = RMBRecConfig
@@ -206,14 +148,11 @@ class RMBRec(Model):
 
     def __init__(self, data: MultiBehaviorData, config: RMBRecConfig) -> None:
         super().__init__(data, config)
-        for key, allowed in _CHOICES.items():
-            if getattr(config, key) not in allowed:
-                raise ConfigError(f"rmbrec {key} = {getattr(config, key)!r}; allowed: {list(allowed)}")
         drop = list(config.drop_behaviors or [])
         for b in drop:
             data.behavior_index(b)  # raises a clear error for unknown names
         if data.target in drop:
-            raise ConfigError(f"rmbrec drop_behaviors cannot drop the target {data.target!r}")
+            raise ConfigError(f"model_args.drop_behaviors cannot drop the target {data.target!r}")
         self.behaviors = tuple(b for b in data.behaviors if b not in drop)
         self.cfg = config
         self.pad = 1 if config.padding == "faithful" else 0
@@ -316,7 +255,7 @@ class RMBRec(Model):
             pu, qi, qj = h[u[k]], h[i[k]], h[j[k]]
             pos, neg = (pu * qi).sum(-1), (pu * qj).sum(-1)
             mk = None if mask is None else mask[k]
-            risks.append(masked_mean(bpr_rows(pos, neg), mk))
+            risks.append(bpr(pos, neg, form="log_eps", mask=mk))
             diffs.append(pos - neg)
             sq = pu.pow(2).sum(-1) + qi.pow(2).sum(-1) + qj.pow(2).sum(-1)
             reg = reg + 0.5 * (sq if mk is None else sq * mk).sum() / bsz
@@ -325,7 +264,7 @@ class RMBRec(Model):
         ut, it, jt = u[-1], i[-1], j[-1]
         zu, zi, zj = (sum(h[r] for h in H) / n_b for r in (ut, it, jt))  # fused rows only
         mt = None if mask is None else mask[-1]
-        main = masked_mean(bpr_rows((zu * zi).sum(-1), (zu * zj).sum(-1)), mt)
+        main = bpr((zu * zi).sum(-1), (zu * zj).sum(-1), form="log_eps", mask=mt)
 
         terms = {"main": main, "reg": reg}
         total = main + cfg.reg * reg
@@ -345,14 +284,17 @@ class RMBRec(Model):
         P = F.normalize(torch.stack([h[users] for h in H]), dim=-1)  # [n_b, n, d] unique batch users
         anchor, views = P[-1], P[:-1]
         if self.cfg.rrm == "official":
-            return cross_view_nce(anchor, views, self.cfg.tau).sum()
-        return intra_view_nce(anchor, views, self.cfg.tau).mean()
+            # per auxiliary view: S = a c^T / tau, 1/2 [CE(S) + CE(S^T)], summed over views
+            return info_nce(anchor, views, self.cfg.tau, symmetric=True, normalize=False).sum()
+        # Eq. 3 per auxiliary view: anchor c_u (auxiliary), positive a_u (target), negatives c_u'
+        # (same auxiliary view, other users), positive in the denominator; mean over views
+        return info_nce(views, anchor, self.cfg.tau, negatives="query", normalize=False).mean()
 
     def _orm(self, risks: list[torch.Tensor], diffs: list[torch.Tensor], mask: torch.Tensor | None) -> torch.Tensor:
         orm = self.cfg.orm
         r = torch.stack(risks)
         if orm == "rex":
-            return r.var(unbiased=self.cfg.rex_variance == "unbiased")
+            return variance(r, unbiased=self.cfg.rex_variance == "unbiased")
         if orm == "irm_v1_code":
             return r.pow(2).sum()
         if orm == "irm_v2_code":
@@ -360,7 +302,7 @@ class RMBRec(Model):
                 torch.autograd.grad(x, self.user_emb, create_graph=True, retain_graph=True)[0].flatten()
                 for x in risks
             ]
-            return torch.stack(grads).var(0).mean()
+            return variance(torch.stack(grads)).mean()
         w = self.irm_w if orm == "irm_v1_paper" else 1.0
         g = torch.stack(diffs)
         return masked_mean(bpr_dw(g, w), mask).pow(2).sum()
