@@ -51,7 +51,7 @@ def test_describe_lists_default_allowed_and_doc() -> None:
     "override, message",
     [
         ("train.epochs=-5", "train.epochs = -5; allowed: >= 0"),
-        ("train.lr=-1", "train.lr = -1.0; allowed: >= 0"),
+        ("train.lr=-1", "train.lr = -1.0; allowed: >= 0 and <= 100"),
         ("model_args.embedding_dim=0", "model_args.embedding_dim = 0; allowed: >= 1"),
     ],
 )

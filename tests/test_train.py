@@ -16,7 +16,8 @@ from conftest import tiny_data
 
 
 def _cfg(*extra: str):
-    return build_config("lightgcn", "tiny", overrides=["model_args.batch_size=8", "train.patience=50", *extra])
+    # the tiny data have 15 items: K stays below that (K = 20 would rank every item)
+    return build_config("lightgcn", "tiny", overrides=["model_args.batch_size=8", "train.patience=50", "protocol.ks=[5,10]", *extra])
 
 
 def test_run_folder_contract(tmp_path, tiny):

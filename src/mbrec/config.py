@@ -38,7 +38,7 @@ class TrainConfig:
 
     epochs: int = option(100, min=0, doc="training epochs")
     patience: int = option(20, min=0, doc="stop when epoch - best_epoch > patience (RMBRec's rule); 0 disables early stopping")
-    lr: float = option(1e-3, min=0, doc="Adam learning rate (0 freezes the weights)")
+    lr: float = option(1e-3, min=0, max=100, doc="Adam learning rate (0 freezes the weights)")
     weight_decay: float = option(0.0, min=0, doc="Adam weight decay")
     lr_decay: float = option(1.0, gt=0, max=1, doc="staircase decay lr * lr_decay ** (step // lr_decay_steps) (COPF/PKEF)")
     lr_decay_steps: int = option(0, min=0, doc="steps per decay stair; 0 = no decay")
@@ -226,6 +226,12 @@ def _coerce(value: Any, f: dataclasses.Field, where: str) -> Any:  # type: ignor
     return value
 
 
+def _whole_number(value: Any, key: str) -> int:
+    if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+        raise ConfigError(f"{key} = {value!r}; allowed: a whole number")
+    return int(value)
+
+
 def build_config(
     model: str | None = None,
     data: str | None = None,
@@ -263,7 +269,7 @@ def build_config(
         data=str(raw.get("data", "synthetic")),
         data_options=dict(data_options),
         protocol=protocol,
-        seed=int(raw.get("seed", 0)),
+        seed=_whole_number(raw.get("seed", 0), "seed"),
         device=str(raw.get("device", "cpu")),
         train=_fill(TrainConfig, train_values, "train"),
         model_args=_fill(cls.config_class, raw.get("model_args") or {}, f"model_args ({model_name})"),

@@ -42,3 +42,7 @@ class UnknownNameError(MbrecError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0]) if self.args else ""
+
+
+class NonFiniteError(MbrecError):
+    """A loss or a score became NaN or infinite (the weights diverged)."""

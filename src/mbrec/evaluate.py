@@ -22,6 +22,7 @@ import scipy.sparse as sp
 import torch
 
 from mbrec.data.container import MultiBehaviorData
+from mbrec.errors import ConfigError, NonFiniteError
 from mbrec.models.base import Model
 from mbrec.protocol import Protocol
 from mbrec.sampling import PositiveSet, sample_negatives
@@ -104,6 +105,23 @@ def chunk_size(n_items: int, memory_mb: float) -> int:
     return max(1, int(memory_mb * 2**20 // per_user))
 
 
+def check_finite(scores: torch.Tensor, what: str) -> None:
+    """Stop with a named error when a model's scores are NaN or infinite (diverged weights)."""
+    if not bool(torch.isfinite(scores).all()):
+        bad = int((~torch.isfinite(scores)).sum())
+        raise NonFiniteError(f"{what} hold {bad:,} non-finite values: the model's weights diverged "
+                             "(lower train.lr, or check the loss terms in train.log)")
+
+
+def check_protocol_fits(protocol: Protocol, data: MultiBehaviorData) -> None:
+    """K must stay below the number of candidate items, or every metric at K is trivially 1."""
+    n = data.n_items if protocol.candidates == "all" else protocol.n_negatives + 1
+    what = f"the number of items ({n:,})" if protocol.candidates == "all" else (
+        f"the candidates per held-out item (protocol.n_negatives + 1 = {n:,})")
+    if max(protocol.ks) > n:
+        raise ConfigError(f"protocol.ks = {list(protocol.ks)}: K can be at most {what}")
+
+
 def has_valid(data: MultiBehaviorData) -> bool:
     """Whether the data has a validation split (held-out target pairs)."""
     return bool(data.valid[data.target].nnz)
@@ -158,6 +176,7 @@ def evaluate(
             chunk = users[s : s + step]
             u = torch.from_numpy(chunk).to(device)
             scores = model.score(emb, u, b).float()
+            check_finite(scores, f"the {b!r} scores on the {split} split")
             if mask is not None:
                 r, c = csr_rows_coords(mask, chunk)
                 scores[torch.from_numpy(r).to(device), torch.from_numpy(c).to(device)] = -math.inf
@@ -220,6 +239,7 @@ def recommend(
     for s in range(0, len(users), step):
         chunk = users[s : s + step]
         scores = model.score(emb, torch.from_numpy(chunk).to(device), behavior).float()
+        check_finite(scores, f"the {behavior!r} scores")
         if mask is not None:
             r, c = csr_rows_coords(mask, chunk)
             scores[torch.from_numpy(r).to(device), torch.from_numpy(c).to(device)] = -math.inf

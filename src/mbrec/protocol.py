@@ -127,7 +127,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 def get_protocol(spec: str | Mapping[str, Any] | Protocol | None = None, **overrides: Any) -> Protocol:
     """A preset by name, or a mapping ``{"preset": name, ...field overrides}``."""
+    known = {f.name for f in dataclasses.fields(Protocol)}
     if isinstance(spec, Protocol):
+        _check_fields(overrides, known)
         return dataclasses.replace(spec, **overrides) if overrides else spec
     fields: dict[str, Any] = {}
     if spec is None:
@@ -140,16 +142,23 @@ def get_protocol(spec: str | Mapping[str, Any] | Protocol | None = None, **overr
     if preset not in PRESETS:
         raise UnknownNameError(f"unknown protocol preset {preset!r}; choose from {list(PRESETS)}")
     fields.update(overrides)
-    known = {f.name for f in dataclasses.fields(Protocol)}
-    unknown = sorted(set(fields) - known)
-    if unknown:
-        raise ConfigError(f"unknown protocol field(s) {unknown}; known: {sorted(known)}")
+    _check_fields(fields, known)
     merged = {"name": preset, **PRESETS[preset], **fields}
     if "ks" in merged:
         merged["ks"] = tuple(merged["ks"]) if not isinstance(merged["ks"], int) else (merged["ks"],)
     if "metrics" in merged:
         merged["metrics"] = tuple(merged["metrics"])
     return Protocol(**merged)
+
+
+def _check_fields(fields: Mapping[str, Any], known: set[str]) -> None:
+    import difflib
+
+    unknown = sorted(set(fields) - known, key=str)
+    if unknown:
+        hints = [f"{k!r}" + (f" (did you mean {c[0]!r}?)" if (c := difflib.get_close_matches(str(k), sorted(known), n=1)) else "")
+                 for k in unknown]
+        raise ConfigError(f"unknown protocol field(s) {', '.join(hints)}; known: {sorted(known)}")
 
 
 __all__ = ["METRICS", "PRESETS", "Protocol", "get_protocol"]

@@ -24,13 +24,14 @@ import torch
 
 from mbrec.config import RunConfig
 from mbrec.data.container import MultiBehaviorData
-from mbrec.errors import ConfigError, MbrecError
-from mbrec.evaluate import Metrics, evaluate, has_valid, selection_value
+from mbrec.errors import ConfigError, MbrecError, NonFiniteError
+from mbrec.evaluate import Metrics, check_protocol_fits, evaluate, has_valid, selection_value
 from mbrec.models.base import Batch, Model, Sampler
 from mbrec.rundir import (
     RunFolder,
     build_model,
     close_logger,
+    config_changes,
     default_run_dir,
     evaluate_task_checkpoints,
     load_data,
@@ -159,26 +160,44 @@ class Trainer:
 
     # -- setup ---------------------------------------------------------------------------
     def setup(self, *, resume: bool = False) -> None:
-        """Prepare the folder and build every per-run object; restore ``last.pt`` when resuming."""
+        """Build every per-run object; restore ``last.pt`` when resuming. The folder must be
+        locked by the caller (``run`` does)."""
         cfg = self.cfg
-        self.folder.prepare(cfg, resume=resume)
+        if not resume:
+            self.folder.clear_early_remains()
         self.log = self.folder.logger(quiet=self.quiet)
         set_seed(cfg.seed)
         if self.data is None:
             self.data = load_data(cfg)
         self._check_protocol(self.data)
+        if resume:
+            self._check_resume_config()
+            self.folder.verify_data(self.data)
         self.model = build_model(cfg, self.data, self.device)
         self.graphs = self.model.build_graphs(self.data, self.device)
         self.sampler = self.model.make_sampler(self.data)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
         self.rng = np.random.default_rng(cfg.seed)
+        self.folder.write_config(cfg, self.data)
         if resume:
             self._restore()
         else:
             self._start()
 
+    def _check_resume_config(self) -> None:
+        """A resumed run keeps its settings; only the epoch cap may be raised."""
+        saved = self.folder.read_config()
+        changed = config_changes(saved.to_dict(), self.cfg.to_dict(), ignore=("train.epochs",))
+        if changed:
+            raise ConfigError(f"--resume keeps the run's settings, but these differ from {self.folder.config}: "
+                              f"{'; '.join(changed)}. Drop them, or train a new run with another --out")
+        if self.cfg.train.epochs < saved.train.epochs:
+            raise ConfigError(f"--resume may raise the epoch cap ({saved.train.epochs}), not lower it to "
+                              f"{self.cfg.train.epochs}; evaluate an earlier epoch with mbrec reselect instead")
+
     def _check_protocol(self, data: MultiBehaviorData) -> None:
         p = self.cfg.protocol
+        check_protocol_fits(p, data)
         if p.selection == "validation" and not has_valid(data):
             raise ConfigError(
                 f"dataset {data.name!r} has no validation pairs for {data.target!r}, but protocol "
@@ -210,6 +229,25 @@ class Trainer:
 
     # -- the loop ------------------------------------------------------------------------
     def run(self, *, resume: bool = False) -> dict[str, Any]:
+        """Lock the folder, train, evaluate, write it. A run that fails before its first
+        checkpoint removes what it wrote, so the same command can simply be run again."""
+        created = self.folder.check_writable(resume=resume)
+        self.folder.create()
+        owned = False
+        try:
+            with self.folder.locked():
+                owned = True
+                self.folder.check_writable(resume=resume)  # again, now that no one else can write
+                return self._run_locked(resume)
+        except BaseException as e:
+            if owned and not resume and not self.folder.last.is_file():
+                self._discard(created)
+                if isinstance(e, MbrecError) and e.args:
+                    e.args = (f"{e.args[0]} (nothing was kept in {self.out}; fix this and run the same command again)",
+                              *e.args[1:])
+            raise
+
+    def _run_locked(self, resume: bool) -> dict[str, Any]:
         self.setup(resume=resume)
         started = time.perf_counter()
         for epoch in range(self.state.epoch + 1, self.cfg.train.epochs + 1):
@@ -227,6 +265,15 @@ class Trainer:
                 break
         return self.finish(time.perf_counter() - started)
 
+    def _discard(self, created: bool) -> None:
+        """Remove what a run that failed before its first checkpoint wrote."""
+        if hasattr(self, "log"):
+            close_logger(self.log)
+        self.folder.clear_early_remains()
+        self.folder.lock_file.unlink(missing_ok=True)
+        if created and self.folder.path.is_dir() and not any(self.folder.path.iterdir()):
+            self.folder.path.rmdir()
+
     def train_epoch(self, epoch: int) -> tuple[dict[str, float], float]:
         """One training epoch: ``(mean loss terms, seconds)``; non-finite means end the run."""
         tc = self.cfg.train
@@ -242,8 +289,23 @@ class Trainer:
         secs = time.perf_counter() - t0
         self.state.epoch_seconds.append(secs)
         if not all(math.isfinite(v) for v in means.values()):
-            raise MbrecError(f"epoch {epoch}: a loss term is not finite {means}; lower the learning rate?")
+            raise NonFiniteError(f"epoch {epoch}: a loss term is not finite {means}; lower train.lr "
+                                 f"(now {tc.lr:g})")
+        self._warn_if_exploding(epoch, means.get("loss", 0.0))
         return means, secs
+
+    def _warn_if_exploding(self, epoch: int, loss: float) -> None:
+        """A loss 100x above its lowest epoch so far, or above 1e6, usually means divergence."""
+        earlier = [abs(h["loss"]) for h in self.state.history if h.get("epoch", 0) > 0 and "loss" in h]
+        lowest = min(earlier) if earlier else None
+        if lowest is not None and abs(loss) > 1.0 and abs(loss) > 100 * lowest:
+            why = f"grew from {lowest:.4g} to {loss:.4g}"
+        elif abs(loss) > 1e6:
+            why = f"is {loss:.4g}"
+        else:
+            return
+        self.log.warning(f"warning: epoch {epoch}: the training loss {why}; the weights are probably diverging "
+                         f"(lower train.lr, now {self.cfg.train.lr:g})")
 
     def _schedule_lr(self) -> None:
         """Staircase decay (COPF/PKEF), then count the step."""

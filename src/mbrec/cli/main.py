@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from mbrec import __version__
@@ -51,6 +52,14 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except MbrecError as e:
         print(f"mbrec {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # the reader went away (`mbrec recommend ... | head -1`): end quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+    except OSError as e:  # unreadable or unwritable files and folders
+        where = f": {e.filename}" if getattr(e, "filename", None) else ""
+        print(f"mbrec {args.command}: error: {e.strerror or e}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"mbrec {args.command}: interrupted", file=sys.stderr)

@@ -7,6 +7,7 @@ import csv
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -68,17 +69,34 @@ def _overrides(args: argparse.Namespace) -> list[str]:
     return extra
 
 
+def _resume_config(args: argparse.Namespace) -> "Any":
+    """The saved config of ``--out`` with the command's own settings on top; the trainer then
+    refuses any of them that changes the run (all but a raised epoch cap)."""
+    from mbrec.config import config_from_dict, deep_merge, parse_overrides, read_yaml
+    from mbrec.rundir import RunFolder
+
+    if not args.out:
+        raise MbrecError("--resume needs --out RUN_DIR (the folder of the interrupted run)")
+    folder = RunFolder(args.out)
+    folder.check_writable(resume=True)
+    saved = folder.read_config()
+    if args.model != saved.model:
+        raise MbrecError(f"{args.out} trains {saved.model!r}, not {args.model!r}; --resume continues a run as it was")
+    if args.data != saved.data and Path(args.data).resolve() != Path(saved.data).resolve():
+        raise MbrecError(f"{args.out} trains on {saved.data!r}, not {args.data!r}; --resume continues a run as it was")
+    raw = saved.to_dict()
+    if args.config:
+        raw = deep_merge(raw, read_yaml(args.config))
+    return config_from_dict(deep_merge(raw, parse_overrides(_overrides(args))))
+
+
 def cmd_train(args: argparse.Namespace) -> int:
-    from mbrec.config import build_config, config_from_dict, read_yaml
+    from mbrec.config import build_config
     from mbrec.report import metrics_table
     from mbrec.train import train
 
     if args.resume:
-        if not args.out:
-            raise MbrecError("--resume needs --out RUN_DIR (the folder of the interrupted run)")
-        cfg = config_from_dict(read_yaml(Path(args.out) / "config.yaml"))
-        if args.epochs is not None:  # extend (or shorten) an interrupted or finished run
-            cfg.train.epochs = args.epochs
+        cfg = _resume_config(args)
     else:
         cfg = build_config(args.model, args.data, config_file=args.config, overrides=_overrides(args))
     metrics = train(cfg, args.out, resume=args.resume, quiet=args.quiet or args.json)
@@ -96,13 +114,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from mbrec.config import parse_overrides
-    from mbrec.evaluate import evaluate, has_valid, task_behaviors
+    from mbrec.evaluate import check_protocol_fits, evaluate, has_valid, task_behaviors
     from mbrec.protocol import get_protocol
     from mbrec.report import metrics_table
     from mbrec.rundir import evaluate_task_checkpoints, load_run, task_checkpoint
 
     cfg, data, model, graphs = load_run(args.run_dir, args.device)
     protocol = get_protocol(args.protocol, **parse_overrides(args.set)) if args.protocol else get_protocol(cfg.protocol, **parse_overrides(args.set))
+    check_protocol_fits(protocol, data)
     if args.split == "valid" and not has_valid(data):
         raise MbrecError(f"dataset {data.name!r} has no validation split")
     tasks = task_behaviors(model, data, protocol)
@@ -131,13 +150,17 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     from mbrec.evaluate import recommend
     from mbrec.rundir import load_run
 
+    if args.k < 1:
+        raise MbrecError(f"--k must be at least 1, got {args.k}")
+    if args.out:
+        _check_output_file(Path(args.out))
     cfg, data, model, graphs = load_run(args.run_dir, args.device, behavior=args.behavior)
     behavior = args.behavior or data.target
     if behavior not in data.behaviors:
         raise UnknownNameError(f"unknown behavior {behavior!r}; this dataset has {list(data.behaviors)}")
     model.check_behavior(behavior)
-    if args.k < 1:
-        raise MbrecError(f"--k must be at least 1, got {args.k}")
+    if args.k > data.n_items:
+        raise MbrecError(f"--k {args.k} is more than the {data.n_items:,} items of {data.name!r}")
     if args.users == "all":
         users = np.arange(data.n_users)
     else:
@@ -148,20 +171,38 @@ def cmd_recommend(args: argparse.Namespace) -> int:
                                   memory_mb=cfg.train.eval_memory_mb)
     handle = open(args.out, "w", newline="") if args.out else sys.stdout
     try:
-        w = csv.writer(handle)
-        w.writerow(["user", "behavior", "rank", "item", "score"])
-        for row, u in enumerate(users):
-            for rank in range(items.shape[1]):
-                i = items[row, rank]
-                if i < 0:
-                    break
-                w.writerow([data.user_ids[u], behavior, rank + 1, data.item_ids[i], f"{scores[row, rank]:.6g}"])
+        rows = _write_recommendations(handle, data, users, behavior, items, scores)
     finally:
         if args.out:
             handle.close()
     if args.out:
-        print(f"wrote {len(users) * items.shape[1]:,} rows to {args.out}", file=sys.stderr)
+        print(f"wrote {rows:,} rows to {args.out}", file=sys.stderr)
     return 0
+
+
+def _check_output_file(out: Path) -> None:
+    """An output file path must be writable: not a folder, in an existing folder."""
+    if out.is_dir():
+        raise MbrecError(f"--out {out} is a folder; give a file name such as {out / 'recommendations.csv'}")
+    if not out.parent.is_dir():
+        raise MbrecError(f"--out {out}: the folder {out.parent} does not exist")
+
+
+def _write_recommendations(handle: Any, data: Any, users: np.ndarray, behavior: str, items: np.ndarray,
+                           scores: np.ndarray) -> int:
+    """CSV ``user,behavior,rank,item,score``; returns the number of rows written (users with fewer
+    unmasked items than K get fewer rows)."""
+    w = csv.writer(handle)
+    w.writerow(["user", "behavior", "rank", "item", "score"])
+    rows = 0
+    for row, u in enumerate(users):
+        for rank in range(items.shape[1]):
+            i = items[row, rank]
+            if i < 0:
+                break
+            w.writerow([data.user_ids[u], behavior, rank + 1, data.item_ids[i], f"{scores[row, rank]:.6g}"])
+            rows += 1
+    return rows
 
 
 def cmd_models(args: argparse.Namespace) -> int:

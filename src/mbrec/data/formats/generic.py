@@ -168,6 +168,13 @@ def _line(path: Path, offset: int, row: int) -> int:
 
 def _check_columns(cols: list[str], path: Path) -> None:
     known = REQUIRED + OPTIONAL
+    if len(cols) == 1 and any(d in cols[0] for d in ("\t", ";", ",", "|")):
+        found = next(d for d in ("\t", ";", ",", "|") if d in cols[0])
+        want = "a tab" if path.suffix == ".tsv" else "a comma"
+        fix = {"\t": "rename it to interactions.tsv", ",": "rename it to interactions.csv"}.get(
+            found, f"replace {found!r} by {'tabs' if path.suffix == '.tsv' else 'commas'}")
+        raise DataError(f"the header is one column {cols[0]!r}: this file is separated by {found!r}, but "
+                        f"{path.name} must be separated by {want}: {fix}", path=path, line=1)
     for c in REQUIRED:
         if c not in cols:
             close = difflib.get_close_matches(c, [x for x in cols if x not in known], n=1, cutoff=0.6)
@@ -207,7 +214,13 @@ def _read_ids(dir_: Path, fname: Any, yaml_path: Path) -> np.ndarray:
 
 def load(path: Path, *, name: str, seed: int = 0, **options: Any) -> MultiBehaviorData:
     check_options(options, OPTIONS, "the generic format")
-    table = next(path / f for f in FILES if (path / f).is_file())
+    present = [path / f for f in FILES if (path / f).exists()]
+    if len(present) > 1:
+        raise DataError(f"several interaction tables ({', '.join(p.name for p in present)}); keep exactly one",
+                        path=path)
+    table = present[0]
+    if table.is_dir():
+        raise DataError("is a folder, not a file", path=table)
     ypath = path / "dataset.yaml"
     meta = _read_yaml(ypath)
     behaviors, target, notes = _order_behaviors(meta, ypath)
