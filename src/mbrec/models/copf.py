@@ -1,4 +1,4 @@
-"""COPF: Combinatorial Optimization Perspective based Framework (Li et al., KDD'25; seed 003).
+"""COPF: Combinatorial Optimization Perspective based Framework (Zhai et al., KDD'25).
 
 COGCN propagates each behavior k on the left-normalised cumulative multigraph of behaviors 1..k
 (identity residual), handing ``In_{k+1} = H^{L_k} + In_k`` downstream (Eq. 6); DFME scores each

@@ -131,6 +131,20 @@ class PretrainGCN(nn.Module):
 _PRETRAIN_NETS = {"lightgcn": PretrainLightGCN, "gcn": PretrainGCN}
 
 
+class _PretrainObjective(nn.Module):
+    """The pretraining network with the loss the trainer's ``train_epoch`` calls: BPR + L2 on the
+    first behavior's graph (``graphs[0]``)."""
+
+    def __init__(self, net: nn.Module, n_users: int, reg_weight: float) -> None:
+        super().__init__()
+        self.net, self.n_users, self.reg_weight = net, n_users, reg_weight
+
+    def loss(self, graphs: list[SparseGraph], batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        u, i = split_nodes(self.net(graphs[0]), self.n_users)
+        eu, ei = split_nodes(self.net.ego, self.n_users)
+        return bpr_l2_loss(u, i, eu, ei, batch, self.reg_weight)
+
+
 def make_triplet_sampler(kind: str, R: sp.csr_matrix, batch_size: int) -> RandomUserSampler | InteractionSampler:
     """The ``sampler`` option's sampler over the pairs of ``R``."""
     if kind == "interactions":
@@ -250,20 +264,15 @@ class MBCGCN(Model):
         opt = torch.optim.Adam(net.parameters(), lr=cfg.pretrain_lr)
         log(f"pretraining a {cfg.pretrain_layers}-layer {net.label} on {first!r} for {cfg.pretrain_epochs} epochs "
             f"(lr {cfg.pretrain_lr}); the first block starts from its embeddings")
+        from mbrec.train import train_epoch  # the trainer's own epoch loop
+
+        objective = _PretrainObjective(net, self.n_users, cfg.reg_weight)
         t_all = time.perf_counter()
         for ep in range(1, cfg.pretrain_epochs + 1):
-            t0, total, n = time.perf_counter(), 0.0, 0
-            for b in sampler.epoch(rng):
-                tb = {k: torch.as_tensor(v, device=device) for k, v in b.items()}
-                u, i = split_nodes(net(graphs[0]), self.n_users)
-                eu, ei = split_nodes(net.ego, self.n_users)
-                terms = bpr_l2_loss(u, i, eu, ei, tb, cfg.reg_weight)
-                opt.zero_grad()
-                terms["loss"].backward()
-                opt.step()
-                total, n = total + float(terms["loss"].detach()), n + 1
+            t0 = time.perf_counter()
+            means, _ = train_epoch(objective, graphs, sampler, opt, rng, device)  # type: ignore[arg-type]
             if ep == 1 or ep % 10 == 0 or ep == cfg.pretrain_epochs:
-                log(f"pretrain epoch {ep:4d} | loss {total / max(n, 1):.4f} | {time.perf_counter() - t0:.1f}s")
+                log(f"pretrain epoch {ep:4d} | loss {means['loss']:.4f} | {time.perf_counter() - t0:.1f}s")
         log(f"pretraining done in {time.perf_counter() - t_all:.0f}s")
         with torch.no_grad():
             eu, ei = split_nodes(net.ego.detach(), self.n_users)

@@ -1,4 +1,4 @@
-"""PKEF: Parallel Knowledge Enhancement Framework (Meng et al., CIKM'23; official TF code MC-CV/PKEF).
+"""PKEF: Parallel Knowledge Enhancement based Framework (Meng et al., CIKM'23; official TF code MC-CV/PKEF).
 
 Two encoders share ``E0``: a parallel branch (one residual left-normalised GCN per behavior) and a
 cascade branch (the same, with ``In_{k+1} = H^{L_k} + In_k``) whose every layer also adds 0.3 x
@@ -10,7 +10,8 @@ projection of behavior j's cascade output onto task k's; the orthogonal remainde
 
 Official-code behavior kept (options): ``users_per_epoch = 10000`` (only 10,000 random users per
 epoch; ``null`` trains on all), ``lr_decay_steps = 39`` (10000 // 256, hard-coded in the code for
-every dataset), ``layers = [4, 1, 1]``, ``loss_weights = (0, 4/6, 2/6)``, tower sum x 300,
+every dataset), ``layers = [4, 1, 1]``, tower sum x 300, and (set in ``configs/pkef/*.yaml``; the
+model default is 1/K each) ``loss_weights = (0, 4/6, 2/6)``,
 ``unique_skip`` (behaviors left out of the unique pairs; Tmall's ``cart`` in the code).
 
 More: ``docs/models/pkef.md``.
