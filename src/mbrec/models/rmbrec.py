@@ -1,4 +1,4 @@
-"""RMBRec (Cai et al., "Robust Multi-Behavior Recommendation", WWW'26; seed 001), as in the
+"""RMBRec (Cai et al., "Robust Multi-Behavior Recommendation", WWW'26), as in the
 official PyTorch code (miaomiao-cai2/RMBRec@5e7827c), with the paper's forms as options.
 
 One graph encoder per behavior propagates the *shared* user/item tables on that behavior's own
@@ -40,9 +40,8 @@ Speed (same values as the plain path, tested): the official layer ``rownorm(A x)
 autograd function with a fused backward. On CPU (``cpu_kernel: scipy``, the default) its
 products use SciPy's CSR kernels and the last layer is computed only for the rows the batch reads
 (``A[S] x`` forward, ``A[S]^T g`` backward); ``cpu_kernel: torch`` uses torch's CSR kernel on
-every row, as on GPU. Which is faster depends on the machine: SciPy took 43% less CPU on the
-first sessions' CPU, torch 22% less (one thread) and 45% less wall time (two threads) on the fifth
-session's (``benchmarks/rmbrec.md``); time both with ``benchmarks/bench_rmbrec.py --kernel``.
+every row, as on GPU. Which is faster depends on the machine (``benchmarks/rmbrec.md`` has
+measurements of both); time them with ``benchmarks/bench_rmbrec.py --kernel``.
 
 More: ``docs/models/rmbrec.md``.
 """
