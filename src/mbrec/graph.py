@@ -122,6 +122,44 @@ def spmm(g: SparseGraph, x: torch.Tensor) -> torch.Tensor:
     return torch.sparse.mm(g.mat, x)
 
 
+class _RowsSpMM(torch.autograd.Function):
+    """``A[S] @ x`` with SciPy's CSR kernel (CPU): the forward reads only the rows ``S``; the
+    backward is ``A[S]^T @ g``, again only ``|S|`` rows of work."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, A_rows: sp.csr_matrix) -> torch.Tensor:  # type: ignore[override]
+        ctx.A_rows = A_rows
+        return torch.from_numpy(np.ascontiguousarray(A_rows @ x.detach().contiguous().numpy()))
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):  # type: ignore[override]
+        return torch.from_numpy(np.ascontiguousarray(ctx.A_rows.T @ g.contiguous().numpy())), None
+
+
+def scipy_view(mat: torch.Tensor) -> sp.csr_matrix:
+    """A SciPy CSR matrix sharing the memory of a CPU torch CSR tensor."""
+    return sp.csr_matrix((mat.values().numpy(), mat.col_indices().numpy(), mat.crow_indices().numpy()),
+                         shape=tuple(mat.shape))
+
+
+def propagate(g: SparseGraph, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """One propagation step ``A @ x``, or ``A[rows] @ x`` (``[len(rows), d]``) when the caller
+    reads only those output rows: the single sparse layer every model uses.
+
+    Kernels (a documented rule, from ``benchmarks/``): full products use torch's CSR kernel on
+    every device (faster than SciPy's at the widths the models use); row subsets on CPU use
+    SciPy's CSR row slicing and kernels (torch has no CSR row gather on CPU); on other devices
+    the full product is computed and the rows taken from it."""
+    if rows is None:
+        return spmm(g, x)
+    if g.mat.device.type != "cpu":
+        return spmm(g, x)[rows]
+    A_rows = scipy_view(g.mat)[rows.cpu().numpy()]
+    if x.requires_grad:
+        return _RowsSpMM.apply(x, A_rows)
+    return torch.from_numpy(np.ascontiguousarray(A_rows @ x.contiguous().numpy()))
+
+
 def split_nodes(x: torch.Tensor, n_users: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Split a ``[U+I, d]`` node matrix into user and item parts."""
     return x[:n_users], x[n_users:]

@@ -63,6 +63,39 @@ def bpr(
     return masked_mean(rows, mask, over=over)
 
 
+class _TableLogSumExp(torch.autograd.Function):
+    """``logsumexp(q c^T, dim=1)`` for a batch ``q [n, d]`` against a whole table ``c [m, d]``
+    (contrastive losses with every user or item as a negative), in one ``[n, m]`` buffer:
+    forward = one GEMM and three in-place passes; backward = one pass and two GEMMs
+    (``dq = P c``, ``dc = P^T q`` with ``P`` the row softmax times the incoming gradient).
+    Autograd through ``torch.logsumexp(q @ c.T)`` allocates and walks the ``[n, m]`` matrix
+    several times more; the values are the same."""
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, c: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        e = q @ c.T
+        top = e.max(dim=1, keepdim=True).values
+        e.sub_(top).exp_()
+        total = e.sum(dim=1, keepdim=True)
+        ctx.save_for_backward(q, c, e, total)
+        return (total.log() + top).squeeze(1)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):  # type: ignore[override]
+        q, c, e, total = ctx.saved_tensors
+        p = e * (g.unsqueeze(1) / total)
+        gq = p @ c if ctx.needs_input_grad[0] else None
+        gc = p.T @ q if ctx.needs_input_grad[1] else None
+        return gq, gc
+
+
+def table_logsumexp(q: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """``torch.logsumexp(q @ c.T, dim=1)`` with a fused backward (:class:`_TableLogSumExp`)."""
+    if q.requires_grad or c.requires_grad:
+        return _TableLogSumExp.apply(q, c)
+    return torch.logsumexp(q @ c.T, dim=1)
+
+
 def info_nce(
     query: torch.Tensor,
     positive: torch.Tensor | None,
@@ -101,6 +134,9 @@ def info_nce(
             raise ValueError("info_nce(negatives='table') needs candidates and targets")
         c = norm(candidates)
         pos = (q * c[targets]).sum(-1) / tau
+        if q.dim() == 2 and not symmetric:  # the large case: one fused product, see table_logsumexp
+            rows = table_logsumexp(q / tau, c) - pos
+            return rows if reduction == "none" else rows.mean(-1)
         logits = q @ c.transpose(-1, -2) / tau
     elif negatives == "query":
         sim = q @ q.transpose(-1, -2) / tau

@@ -51,6 +51,20 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--device")
     p.set_defaults(func=cmd_recommend)
 
+    p = sub.add_parser("bench", help="time training steps of a model against its measured kernel floor",
+                       description="Runs --steps training steps (after one warm-up) and times, each alone with the "
+                       "fastest kernel, the sparse and dense products one step requires (the floor). Prints the "
+                       "products, the floor and measured step and epoch times, their ratio and peak memory.")
+    p.add_argument("model")
+    p.add_argument("data")
+    p.add_argument("--config", help="YAML config (default: configs/<model>/<data>.yaml when it exists)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--steps", type=int, default=10, help="timed training steps (default 10)")
+    p.add_argument("--repeats", type=int, default=5, help="timings per floor product (median; default 5)")
+    p.add_argument("--device", help="cpu or cuda")
+    p.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    p.set_defaults(func=cmd_bench)
+
     p = sub.add_parser("models", help="list the registered models, or one model's options")
     p.add_argument("model", nargs="?", help="show this model's options (model_args) with defaults and allowed values")
     p.set_defaults(func=cmd_models)
@@ -203,6 +217,35 @@ def _write_recommendations(handle: Any, data: Any, users: np.ndarray, behavior: 
             w.writerow([data.user_ids[u], behavior, rank + 1, data.item_ids[i], f"{scores[row, rank]:.6g}"])
             rows += 1
     return rows
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from mbrec.bench import bench
+    from mbrec.config import build_config
+
+    if args.steps < 1 or args.repeats < 1:
+        raise MbrecError("--steps and --repeats must be at least 1")
+    config = args.config
+    if config is None:
+        guess = Path(__file__).resolve().parents[3] / "configs" / args.model / f"{Path(args.data).name}.yaml"
+        config = str(guess) if guess.is_file() else None
+    extra = list(args.set) + ([f"device={args.device}"] if args.device else [])
+    cfg = build_config(args.model, args.data, config_file=config, overrides=extra)
+    report = bench(cfg, steps=args.steps, repeats=args.repeats,
+                   out=None if args.json else (lambda m: print(m, file=sys.stderr)))
+    if args.json:
+        print(json.dumps({"model": report.model, "dataset": report.dataset, "threads": report.threads,
+                          "device": report.device, "config": config, "steps_per_epoch": report.steps_per_epoch,
+                          "floor_step_s": report.floor_step_s, "step_s": report.step_s, "ratio": report.ratio,
+                          "floor_epoch_s": report.floor_step_s * report.steps_per_epoch,
+                          "epoch_s": report.step_s * report.steps_per_epoch, "sample_s": report.sample_s,
+                          "peak_mb": report.peak_mb,
+                          "products": [{"name": t.product.name, "forward_s": t.forward_s, "backward_s": t.backward_s,
+                                        "kernel": t.kernel} for t in report.products]}))
+    else:
+        print(f"config: {config or 'model defaults'}")
+        print(report.table())
+    return 0
 
 
 def cmd_models(args: argparse.Namespace) -> int:

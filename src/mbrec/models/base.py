@@ -84,6 +84,13 @@ class Model(nn.Module):
         """Scores ``[len(users), n_items]`` of ``users`` for ``behavior``."""
         raise NotImplementedError
 
+    def floor_products(self, graphs: Any, batch: Mapping[str, torch.Tensor]) -> list[Any]:
+        """The large products one training step on ``batch`` requires (``mbrec.bench``'s
+        ``SparseProduct``/``DenseProduct``): what the algorithm needs, counting only output rows
+        the loss reads. ``mbrec bench`` times them with the fastest kernel to give the step's
+        floor. Models that do not declare them report no floor."""
+        return []
+
     @property
     def scored_behaviors(self) -> tuple[str, ...]:
         """Behaviors this model ranks for. Target-only models return ``(target,)``."""

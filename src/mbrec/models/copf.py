@@ -57,7 +57,7 @@ from torch import nn
 
 from mbrec.data.container import MultiBehaviorData
 from mbrec.errors import ConfigError
-from mbrec.graph import SparseGraph, bipartite, normalize_sym, to_device
+from mbrec.graph import SparseGraph, bipartite, normalize_sym, propagate, to_device
 from mbrec.losses import bpr, info_nce, l2
 from mbrec.models._experts import GatedTower, left_graphs, xavier_table
 from mbrec.models.base import Model, ModelConfig, register
@@ -177,31 +177,41 @@ class COPF(Model):
         return outs
 
     def fitting_experts(
-        self, graphs: Mapping[str, list[SparseGraph]], e: list[torch.Tensor], tasks: list[int] | None = None
+        self, graphs: Mapping[str, list[SparseGraph]], e: list[torch.Tensor], tasks: list[int] | None = None,
+        rows: Mapping[int, torch.Tensor] | None = None,
     ) -> dict[tuple[int, int], torch.Tensor]:
         """``O^{k<-j}`` over all nodes for each task k (default: all) and other behavior j
-        (``[U+I, d]``). The K-1 experts of one task share task k's graph: one spmm per layer on
-        ``[N, (K-1) d]``."""
+        (``[U+I, d]``). The K-1 experts of one task share task k's graph: one product per layer on
+        ``[N, (K-1) d]``. With ``rows[k]`` (the nodes task k's loss reads), the last layer is
+        computed for those rows only and the other rows are left at zero (never read)."""
         c, K, d = self.config, self.K, self.config.embedding_dim
         out: dict[tuple[int, int], torch.Tensor] = {}
         for k in range(K) if tasks is None else tasks:
             others = [j for j in range(K) if j != k]
             f = torch.cat([0.5 * (c.alpha * e[j] + c.beta * e[k]) for j in others], 1)  # [N, (K-1)d]
             r, total = self.beh_emb[k], f
-            for layer in range(self.mtl_layers[k]):
+            S = None if rows is None else rows.get(k)
+            L = self.mtl_layers[k]
+            for layer in range(L):
                 if layer > 0:
                     r = r @ self.mtl_w[layer - 1]
-                f = graphs["own"][k] @ (f * r.repeat(len(others))) + f
+                if S is not None and layer == L - 1:  # only the rows the loss reads
+                    last = propagate(graphs["own"][k], f * r.repeat(len(others)), S) + f[S]
+                    total = torch.zeros_like(f).index_copy(0, S, total[S] + last)
+                    break
+                f = propagate(graphs["own"][k], f * r.repeat(len(others))) + f
                 total = total + f
             for n, j in enumerate(others):
                 out[(k, j)] = c.fit_scale * total[:, n * d : (n + 1) * d]
         return out
 
-    def forward(self, graphs: Mapping[str, list[SparseGraph]], tasks: list[int] | None = None) -> dict[str, Any]:  # type: ignore[override]
+    def forward(self, graphs: Mapping[str, list[SparseGraph]], tasks: list[int] | None = None,  # type: ignore[override]
+                rows: Mapping[int, torch.Tensor] | None = None) -> dict[str, Any]:
         """``e``: behavior outputs; ``fit``: fitting experts of ``tasks`` (default all; training
-        asks only for tasks with lambda_k > 0, the others' experts reach no loss term)."""
+        asks only for tasks with lambda_k > 0, the others' experts reach no loss term), at
+        ``rows`` (see :meth:`fitting_experts`)."""
         e = self.encode(graphs)
-        fit = self.fitting_experts(graphs, e, tasks) if self.spec["head"] == "dfme" and self.spec["fitting"] else {}
+        fit = self.fitting_experts(graphs, e, tasks, rows) if self.spec["head"] == "dfme" and self.spec["fitting"] else {}
         return {"e": e, "fit": fit}
 
     def _experts(self, emb: dict[str, Any], k: int, train: bool) -> list[torch.Tensor]:
@@ -246,7 +256,11 @@ class COPF(Model):
         return c.gamma * total / U
 
     def loss(self, graphs: Any, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        emb = self(graphs, [k for k in range(self.K) if self.lam[k] != 0.0])
+        tasks = [k for k in range(self.K) if self.lam[k] != 0.0]
+        U = self.n_users
+        rows = {k: torch.unique(torch.cat([batch[f"users_{k}"], U + batch[f"pos_{k}"], U + batch[f"neg_{k}"]]))
+                for k in tasks}
+        emb = self(graphs, tasks, rows)
         out: dict[str, torch.Tensor] = {}
         bpr_total = emb["e"][0].new_zeros(())
         for k, b in enumerate(self.behaviors):
@@ -262,6 +276,40 @@ class COPF(Model):
               if self.spec["contrastive"] and self.config.gamma > 0 and self.K > 1 else bpr_total.new_zeros(()))
         reg = self.config.reg * l2(self.user_emb, self.item_emb, self.head.weight, *self.mtl_w)
         out.update({"loss": bpr_total + cl + reg, "bpr": bpr_total.detach(), "cl": cl.detach(), "reg": reg.detach()})
+        return out
+
+    # ------------------------------------------------------------------ floor (mbrec bench)
+    def floor_products(self, graphs: Any, batch: Mapping[str, torch.Tensor]) -> list[Any]:
+        """Encoder: every layer of every behavior over all nodes (the contrastive loss reads the
+        auxiliary outputs for all users and items, the fitting experts all of them). Fitting
+        experts of the trained tasks: earlier layers over all nodes, the last only at the task's
+        batch rows; a detached expert (stop-gradient) carries no gradient. Contrastive: the
+        target batch's users and items against all users and all items of each auxiliary."""
+        from mbrec.bench import DenseProduct, SparseProduct
+
+        d, K, U = self.config.embedding_dim, self.K, self.n_users
+        out: list[Any] = []
+        for k, g in enumerate(graphs["enc"]):
+            out += [SparseProduct(f"encoder {self.behaviors[k]} layer {n + 1}", g, d) for n in range(self.layers[k])]
+        if self.spec["head"] == "dfme" and self.spec["fitting"]:
+            for k in (k for k in range(K) if self.lam[k] != 0.0):
+                others = [j for j in range(K) if j != k]
+                live = [j for j in others if not (self.spec["stop_gradient"] == "intended" and j == K - 1)]
+                if self.spec["stop_gradient"] == "all":
+                    live = []
+                rows = int(torch.unique(batch[f"users_{k}"]).numel()
+                           + torch.unique(torch.cat([batch[f"pos_{k}"], batch[f"neg_{k}"]])).numel())
+                L = self.mtl_layers[k]
+                for n in range(L):
+                    out.append(SparseProduct(f"fitting experts {self.behaviors[k]} layer {n + 1}", graphs["own"][k],
+                                             len(others) * d, rows=rows if n == L - 1 else None,
+                                             backward=bool(live), backward_width=len(live) * d))
+        if self.spec["contrastive"] and self.config.gamma > 0 and K > 1:
+            nu = int(torch.unique(batch[f"users_{K - 1}"]).numel())
+            ni = int(torch.unique(batch[f"pos_{K - 1}"]).numel())
+            for k in range(K - 1):
+                out.append(DenseProduct(f"contrastive users x all users ({self.behaviors[k]})", nu, d, U))
+                out.append(DenseProduct(f"contrastive items x all items ({self.behaviors[k]})", ni, d, self.n_items))
         return out
 
     # ------------------------------------------------------------------ inference

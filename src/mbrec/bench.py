@@ -1,0 +1,242 @@
+"""``mbrec bench``: one training step of a model against its measured floor.
+
+The floor of a step is the time of exactly the large products the algorithm requires, each run
+alone with the fastest kernel this machine has, and nothing else:
+
+* every sparse product ``A @ X`` (graph ``A`` of ``nnz`` entries, ``X`` of ``width`` columns),
+  counting only the output rows the loss reads (``A[S] @ X``), and its backward ``A^T @ G`` when
+  a gradient flows through it;
+* every large dense product (contrastive logits of a batch against all users or items), with
+  its two gradient products.
+
+A model states its products in :meth:`mbrec.models.base.Model.floor_products` (what the
+algorithm needs, not what the implementation happens to do), for one sampled batch. The floor is
+computed by timing kernels here, never estimated: sparse products try torch's CSR kernel and
+SciPy's CSR kernel and keep the faster; dense products use torch's GEMM.
+
+``floor epoch = steps per epoch x floor step``; ``ratio = measured step / floor step``.
+"""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from mbrec.graph import SparseGraph
+
+
+@dataclass
+class SparseProduct:
+    """``A @ X``: ``graph`` is ``A``; ``rows`` output rows read (``None``: all); ``backward``:
+    a gradient flows to ``X`` (one more product ``A[S]^T @ G``), over ``backward_width`` columns
+    when only some columns carry a gradient (default: all)."""
+
+    name: str
+    graph: SparseGraph
+    width: int
+    rows: int | None = None
+    backward: bool = True
+    backward_width: int | None = None
+
+
+@dataclass
+class DenseProduct:
+    """``[m, k] @ [k, n]`` and, with ``backward`` gradients, that many products of the same size."""
+
+    name: str
+    m: int
+    k: int
+    n: int
+    backward: int = 2
+
+
+Product = SparseProduct | DenseProduct
+
+
+@dataclass
+class ProductTime:
+    product: Product
+    forward_s: float
+    backward_s: float
+    kernel: str
+
+    @property
+    def seconds(self) -> float:
+        return self.forward_s + self.backward_s
+
+
+@dataclass
+class BenchReport:
+    model: str
+    dataset: str
+    threads: int
+    device: str
+    steps_per_epoch: int
+    products: list[ProductTime] = field(default_factory=list)
+    step_s: float = float("nan")
+    sample_s: float = float("nan")
+    peak_mb: float = float("nan")
+
+    @property
+    def floor_step_s(self) -> float:
+        return sum(p.seconds for p in self.products)
+
+    @property
+    def ratio(self) -> float:
+        return self.step_s / self.floor_step_s if self.products else float("nan")
+
+    def table(self) -> str:
+        """The report as Markdown: the products, then one summary row."""
+        lines = [f"{self.model} on {self.dataset}: {self.steps_per_epoch} steps per epoch, {self.threads} thread(s), "
+                 f"device {self.device}",
+                 "",
+                 "| product | kind | shape | rows read | forward ms | backward ms | kernel |",
+                 "|---|---|---|---|---|---|---|"]
+        for t in self.products:
+            p = t.product
+            if isinstance(p, SparseProduct):
+                n, m = p.graph.shape
+                shape = f"[{n:,} x {m:,}, nnz {p.graph.mat.values().numel():,}] x {p.width}"
+                rows = "all" if p.rows is None else f"{p.rows:,}"
+                kind = "sparse"
+            else:
+                shape, rows, kind = f"[{p.m:,} x {p.k}] x [{p.k} x {p.n:,}]", "all", "dense"
+            bwd = f"{1e3 * t.backward_s:.1f}" if t.backward_s else "-"
+            lines.append(f"| {p.name} | {kind} | {shape} | {rows} | {1e3 * t.forward_s:.1f} | {bwd} | {t.kernel} |")
+        fl = self.floor_step_s
+        lines += ["",
+                  "| steps | floor step s | measured step s | ratio | floor epoch s | measured epoch s | sampling s/step | peak MB |",
+                  "|---|---|---|---|---|---|---|---|",
+                  f"| {self.steps_per_epoch} | {fl:.3f} | {self.step_s:.3f} | {self.ratio:.2f} | "
+                  f"{fl * self.steps_per_epoch:.1f} | {self.step_s * self.steps_per_epoch:.1f} | {self.sample_s:.4f} | "
+                  f"{self.peak_mb:.0f} |"]
+        return "\n".join(lines)
+
+
+def _median_time(fn: Callable[[], Any], repeats: int, device: torch.device) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _scipy_csr(g: torch.Tensor) -> sp.csr_matrix:
+    return sp.csr_matrix((g.values().numpy(), g.col_indices().numpy(), g.crow_indices().numpy()), shape=tuple(g.shape))
+
+
+def _torch_csr(m: sp.csr_matrix, device: torch.device) -> torch.Tensor:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(torch.from_numpy(m.indptr.astype(np.int64)),
+                                       torch.from_numpy(m.indices.astype(np.int64)),
+                                       torch.from_numpy(m.data.astype(np.float32)), size=m.shape, device=device)
+
+
+def time_sparse(p: SparseProduct, device: torch.device, repeats: int, rng: np.random.Generator) -> ProductTime:
+    """Forward ``A[S] @ X`` and backward ``A[S]^T @ G`` with the faster of torch CSR and SciPy CSR."""
+    A = _scipy_csr(p.graph.mat.cpu())
+    n, m = A.shape
+    if p.rows is not None and p.rows < n:
+        A = A[np.sort(rng.choice(n, p.rows, replace=False))]
+    At = A.T.tocsr()
+    X = np.random.default_rng(0).random((m, p.width), dtype=np.float32)
+    G = np.random.default_rng(1).random((A.shape[0], p.backward_width or p.width), dtype=np.float32)
+    best: tuple[float, float, str] | None = None
+    kernels: list[tuple[str, Callable[[], Any], Callable[[], Any]]] = []
+    tA, tAt = _torch_csr(A, device), _torch_csr(At, device)
+    tX, tG = torch.from_numpy(X).to(device), torch.from_numpy(G).to(device)
+    kernels.append(("torch CSR", lambda: torch.sparse.mm(tA, tX), lambda: torch.sparse.mm(tAt, tG)))
+    if device.type == "cpu":
+        kernels.append(("SciPy CSR", lambda: A @ X, lambda: At @ G))
+    for name, fwd, bwd in kernels:
+        f = _median_time(fwd, repeats, device)
+        b = _median_time(bwd, repeats, device) if p.backward else 0.0
+        if best is None or f + b < best[0] + best[1]:
+            best = (f, b, name)
+    assert best is not None
+    return ProductTime(p, best[0], best[1], best[2])
+
+
+def time_dense(p: DenseProduct, device: torch.device, repeats: int) -> ProductTime:
+    """Forward ``[m, k] @ [k, n]``; backward ``[m, n] @ [n, k]`` and ``[k, m] @ [m, n]``."""
+    a, b = torch.rand(p.m, p.k, device=device), torch.rand(p.k, p.n, device=device)
+    g = torch.rand(p.m, p.n, device=device)
+    f = _median_time(lambda: a @ b, repeats, device)
+    grads = [lambda: g @ b.T, lambda: a.T @ g][: p.backward]
+    bw = sum(_median_time(fn, repeats, device) for fn in grads)
+    return ProductTime(p, f, bw, "torch GEMM")
+
+
+def steps_per_epoch(sampler: Any, rng: np.random.Generator) -> int:
+    n = getattr(sampler, "n_batches", None)
+    if n is None and hasattr(sampler, "__len__"):
+        n = len(sampler)
+    if n is None:  # count one epoch of sampling (cheap next to training)
+        n = sum(1 for _ in sampler.epoch(rng))
+    return int(n)
+
+
+def bench(cfg: Any, *, steps: int = 10, repeats: int = 5, out: Callable[[str], None] | None = None) -> BenchReport:
+    """Measure ``steps`` training steps of ``cfg`` and time the model's floor products."""
+    from mbrec.rundir import build_model, load_data, resolve_device
+    from mbrec.train import set_seed, to_tensors, train_step
+
+    say = out or (lambda _m: None)
+    device = resolve_device(cfg.device)
+    data = load_data(cfg)
+    set_seed(cfg.seed)
+    model = build_model(cfg, data, device)
+    graphs = model.build_graphs(data, device)
+    sampler = model.make_sampler(data)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    rng = np.random.default_rng(cfg.seed)
+    report = BenchReport(cfg.model, data.name, torch.get_num_threads(), str(device),
+                         steps_per_epoch(sampler, np.random.default_rng(cfg.seed)))
+    batches = sampler.epoch(rng)
+    step_times, sample_times = [], []
+    first = None
+    for i in range(steps + 1):
+        t0 = time.perf_counter()
+        batch = next(batches)
+        t1 = time.perf_counter()
+        train_step(model, graphs, batch, opt, device)
+        _sync(device)
+        if i == 0:
+            first = batch
+            continue  # warm-up
+        step_times.append(time.perf_counter() - t0)
+        sample_times.append(t1 - t0)
+        say(f"step {i}: {step_times[-1]:.3f} s")
+    report.step_s = statistics.median(step_times)
+    report.sample_s = statistics.median(sample_times)
+    report.peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    if device.type == "cuda":
+        report.peak_mb = torch.cuda.max_memory_allocated(device) / 2**20
+    products = model.floor_products(graphs, to_tensors(first, device))
+    prng = np.random.default_rng(0)
+    for p in products:
+        say(f"timing {p.name}")
+        t = time_sparse(p, device, repeats, prng) if isinstance(p, SparseProduct) else time_dense(p, device, repeats)
+        report.products.append(t)
+    if not products:
+        print(f"mbrec bench: {cfg.model} declares no floor products (Model.floor_products)", file=sys.stderr)
+    return report
