@@ -1,6 +1,6 @@
 """RMBRec training-epoch time on crgcn-beibei at the official settings (median of N epochs).
 
-    python benchmarks/bench_rmbrec.py [--epochs 5] [--threads 2] [--kernel torch|scipy] [--data crgcn-beibei]
+    python benchmarks/bench_rmbrec.py [--epochs 5] [--threads 2] [--kernel auto|torch|scipy] [--data crgcn-beibei]
 
 Official settings: configs/rmbrec/crgcn-beibei.yaml (batch 1024 users, 3 layers, 3 behaviors,
 lambda_cl 0.8, REx). An epoch is what the trainer times: sampling, loss, backward and the Adam
@@ -33,7 +33,7 @@ def main() -> None:
     ap.add_argument("--data", default="crgcn-beibei")
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    ap.add_argument("--kernel", choices=["torch", "scipy"], help="model_args.cpu_kernel (default: the config's)")
+    ap.add_argument("--kernel", choices=["auto", "torch", "scipy"], help="model_args.cpu_kernel (default: the config's)")
     ap.add_argument("--set", nargs="*", default=[], help="config overrides, e.g. model_args.orm=irm_v1_code")
     a = ap.parse_args()
     if a.threads:
@@ -58,7 +58,8 @@ def main() -> None:
         losses.append(means["loss"])
         print(f"epoch {epoch}: {walls[-1]:.1f} s wall, {cpus[-1]:.1f} s CPU, loss {losses[-1]:.4f}, "
               f"load {os.getloadavg()[0]:.1f}", flush=True)
-    kernel = {"torch": "torch CSR", "scipy": "SciPy CSR + batch-row last layer"}[model.cfg.cpu_kernel]
+    kernel = {"torch": "torch CSR", "scipy": "SciPy CSR + batch-row last layer",
+              "auto": "torch CSR + SciPy batch-row last layer"}[model.cfg.cpu_kernel]
     print(
         f"| rmbrec | {a.data} | {kernel} | threads {torch.get_num_threads()} | {len(walls)} epochs | "
         f"median {statistics.median(walls):.1f} s wall | median {statistics.median(cpus):.1f} s CPU | "

@@ -216,7 +216,10 @@ def bench(cfg: Any, *, steps: int = 10, repeats: int = 5, out: Callable[[str], N
     first = None
     for i in range(steps + 1):
         t0 = time.perf_counter()
-        batch = next(batches)
+        batch = next(batches, None)
+        if batch is None:  # fewer batches per epoch than steps: continue with the next epoch
+            batches = sampler.epoch(rng)
+            batch = next(batches)
         t1 = time.perf_counter()
         train_step(model, graphs, batch, opt, device)
         _sync(device)

@@ -37,11 +37,11 @@ Regularisation as coded: ``reg * sum_b 1/2(|p_u|^2 + |q_i|^2 + |q_j|^2) / batch`
 *propagated* per-behavior rows, plus the trainer's Adam weight decay (1e-3) on every parameter.
 
 Speed (same values as the plain path, tested): the official layer ``rownorm(A x)`` is one
-autograd function with a fused backward. On CPU (``cpu_kernel: scipy``, the default) its
-products use SciPy's CSR kernels and the last layer is computed only for the rows the batch reads
-(``A[S] x`` forward, ``A[S]^T g`` backward); ``cpu_kernel: torch`` uses torch's CSR kernel on
-every row, as on GPU. Which is faster depends on the machine (``benchmarks/rmbrec.md`` has
-measurements of both); time them with ``benchmarks/bench_rmbrec.py --kernel``.
+autograd function with a fused backward, and the last layer is computed only for the rows the
+batch reads (``A[S] x`` forward, ``A[S]^T g`` backward). ``cpu_kernel: auto`` (the default)
+follows the rule of :func:`mbrec.graph.propagate`: torch's CSR kernel for full layers, SciPy row
+slices for the last layer; ``scipy`` uses SciPy everywhere and ``torch`` torch everywhere (every
+row, as on GPU). ``benchmarks/rmbrec.md`` has measurements of each.
 
 More: ``docs/models/rmbrec.md``.
 """
@@ -49,7 +49,7 @@ More: ``docs/models/rmbrec.md``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Any, Mapping
 
 import numpy as np
 import scipy.sparse as sp
@@ -59,7 +59,7 @@ from torch import nn
 
 from mbrec.data.container import MultiBehaviorData
 from mbrec.errors import ConfigError
-from mbrec.graph import SparseGraph, bipartite, normalize_sym, spmm, to_device
+from mbrec.graph import SparseGraph, bipartite, normalize_sym, scipy_view, spmm, to_device
 from mbrec.losses import BPR_EPS, bpr, info_nce, masked_mean, variance
 from mbrec.models.base import Model, ModelConfig, register
 from mbrec.options import option
@@ -90,7 +90,9 @@ class RMBRecConfig(ModelConfig):
     #: SciPy's single-threaded CSR kernel plus a last layer on the batch rows only, or torch's CSR
     #: kernel (multi-threaded); same values. Which is faster depends on the machine
     #: (``benchmarks/rmbrec.md``); GPUs always use torch.
-    cpu_kernel: str = option("scipy", choices=("scipy", "torch"), doc="CPU product of the fused layers")
+    cpu_kernel: str = option("auto", choices=("auto", "scipy", "torch"),
+                             doc="CPU products of the fused layers: auto = mbrec.graph's rule (torch CSR for full "
+                                 "layers, SciPy row slices for the last layer's rows); scipy or torch everywhere")
 
 
 def bpr_dw(x: torch.Tensor, w: torch.Tensor | float) -> torch.Tensor:
@@ -203,13 +205,15 @@ class RMBRec(Model):
                 outs.append(out if rows is None else out[rows])
             return outs
         outs = []
+        cpu = ego.device.type == "cpu"
         for g in graphs:
-            A = g.csr if g.csr is not None and ego.device.type == "cpu" else None
+            A = g.csr if g.csr is not None and cpu else None
             mats = (A, A) if A is not None else (g.sparse.mat, g.sparse.mat_t)
             x, acc = ego, (ego if rows is None else ego[rows])
+            row_path = rows is not None and cpu and self.cfg.cpu_kernel != "torch"
             for layer in range(L):
-                if rows is not None and A is not None and layer == L - 1:
-                    As = A[rows.numpy()]  # only the rows the loss reads
+                if row_path and layer == L - 1:
+                    As = (A if A is not None else scipy_view(g.sparse.mat))[rows.numpy()]  # only the rows read
                     acc = acc + _NormalizedPropagation.apply(x, As, As.T)
                     break
                 x = _NormalizedPropagation.apply(x, *mats)
@@ -277,6 +281,19 @@ class RMBRec(Model):
             terms[f"bpr_{b}"] = risks[k].detach()
         terms["loss"] = total
         return terms
+
+    def floor_products(self, graphs: list[BehaviorGraph], batch: Mapping[str, torch.Tensor]) -> list[Any]:
+        """Per behavior, ``n_layers`` products on its graph: every layer but the last over all
+        nodes (the next layer reads them), the last only at the batch's user and item rows (the
+        only rows any loss term reads). The contrastive and variance terms work on those rows;
+        no product on the whole user or item table is needed."""
+        from mbrec.bench import SparseProduct
+
+        u, i, j, _ = self._index(batch)
+        n_rows = int(torch.unique(torch.stack([u, i, j])).numel())
+        d, L = self.cfg.embedding_dim, self.cfg.n_layers
+        return [SparseProduct(f"{b} layer {n + 1}", g.sparse, d, rows=n_rows if n == L - 1 else None)
+                for b, g in zip(self.behaviors, graphs) for n in range(L)]
 
     def _rrm(self, H: list[torch.Tensor], users: torch.Tensor) -> torch.Tensor:
         users = torch.unique(users)

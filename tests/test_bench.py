@@ -1,0 +1,80 @@
+"""``mbrec bench`` and the shared propagation step it measures against."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+from mbrec.bench import DenseProduct, SparseProduct, bench, time_dense, time_sparse
+from mbrec.cli.main import main
+from mbrec.config import build_config
+from mbrec.graph import propagate, spmm, to_device
+from mbrec.losses import table_logsumexp
+
+
+@pytest.fixture
+def graph():
+    A = sp.random(50, 40, density=0.15, format="csr", dtype=np.float32, random_state=3)
+    return to_device(A)
+
+
+@pytest.mark.parametrize("rows", [None, [0, 7, 7, 31, 49]])
+def test_propagate_rows_equal_the_full_product_in_values_and_gradients(graph, rows) -> None:
+    x = torch.randn(40, 6, requires_grad=True)
+    r = None if rows is None else torch.tensor(rows)
+    w = torch.randn(50 if rows is None else len(rows), 6)
+    got = propagate(graph, x, r)
+    (g_got,) = torch.autograd.grad((got * w).sum(), x)
+    full = spmm(graph, x)
+    want = full if r is None else full[r]
+    (g_want,) = torch.autograd.grad((want * w).sum(), x)
+    assert torch.allclose(got, want, atol=1e-6) and torch.allclose(g_got, g_want, atol=1e-5)
+
+
+def test_propagate_without_gradient(graph) -> None:
+    x = torch.randn(40, 3)
+    assert torch.allclose(propagate(graph, x, torch.tensor([2, 5])), (graph.mat @ x)[[2, 5]], atol=1e-6)
+
+
+def test_table_logsumexp_matches_autograd_in_values_and_gradients() -> None:
+    torch.manual_seed(0)
+    q = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    c = torch.randn(9, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(table_logsumexp, (q, c))
+    w = torch.randn(6, dtype=torch.float64)
+    got = torch.autograd.grad((table_logsumexp(q, c) * w).sum(), (q, c))
+    want = torch.autograd.grad((torch.logsumexp(q @ c.T, 1) * w).sum(), (q, c))
+    assert all(torch.allclose(a, b) for a, b in zip(got, want))
+
+
+def test_product_timings_are_positive(graph) -> None:
+    rng = np.random.default_rng(0)
+    t = time_sparse(SparseProduct("g", graph, 8, rows=10), torch.device("cpu"), 2, rng)
+    assert t.forward_s > 0 and t.backward_s > 0 and t.kernel in ("torch CSR", "SciPy CSR")
+    assert time_sparse(SparseProduct("g", graph, 8, backward=False), torch.device("cpu"), 2, rng).backward_s == 0
+    d = time_dense(DenseProduct("d", 16, 8, 32), torch.device("cpu"), 2)
+    assert d.forward_s > 0 and d.backward_s > 0
+
+
+@pytest.mark.parametrize("model", ["copf", "rmbrec"])
+def test_bench_reports_floor_and_ratio_on_synthetic(model) -> None:
+    cfg = build_config(model, "synthetic")
+    report = bench(cfg, steps=2, repeats=1)
+    assert report.products and report.floor_step_s > 0 and report.step_s > 0
+    assert report.ratio == pytest.approx(report.step_s / report.floor_step_s)
+    assert report.steps_per_epoch >= 1 and report.peak_mb > 0
+    assert "| product |" in report.table() and "floor step s" in report.table()
+
+
+def test_bench_command_json(capsys) -> None:
+    assert main(["bench", "lightgcn", "synthetic", "--steps", "1", "--repeats", "1", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["model"] == "lightgcn" and out["step_s"] > 0 and out["steps_per_epoch"] >= 1
+
+
+def test_bench_command_rejects_zero_steps(capsys) -> None:
+    assert main(["bench", "lightgcn", "synthetic", "--steps", "0"]) == 2
