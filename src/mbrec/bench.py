@@ -148,7 +148,8 @@ def _torch_csr(m: sp.csr_matrix, device: torch.device) -> torch.Tensor:
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
         return torch.sparse_csr_tensor(torch.from_numpy(m.indptr.astype(np.int64)),
                                        torch.from_numpy(m.indices.astype(np.int64)),
-                                       torch.from_numpy(m.data.astype(np.float32)), size=m.shape, device=device)
+                                       torch.from_numpy(m.data.astype(np.float32)), size=m.shape, device=device,
+                                       check_invariants=False)
 
 
 def time_sparse(p: SparseProduct, device: torch.device, repeats: int, rng: np.random.Generator) -> ProductTime:

@@ -133,7 +133,9 @@ class _RowsSpMM(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):  # type: ignore[override]
-        return torch.from_numpy(np.ascontiguousarray(ctx.A_rows.T @ g.contiguous().numpy())), None
+        # SciPy's CSC-times-dense kernel is about 2.5x slower than converting to CSR first
+        At = ctx.A_rows.T.tocsr()
+        return torch.from_numpy(np.ascontiguousarray(At @ g.contiguous().numpy())), None
 
 
 def scipy_view(mat: torch.Tensor) -> sp.csr_matrix:

@@ -214,7 +214,7 @@ class RMBRec(Model):
             for layer in range(L):
                 if row_path and layer == L - 1:
                     As = (A if A is not None else scipy_view(g.sparse.mat))[rows.numpy()]  # only the rows read
-                    acc = acc + _NormalizedPropagation.apply(x, As, As.T)
+                    acc = acc + _NormalizedPropagation.apply(x, As, As.T.tocsr())  # CSR: faster than CSC
                     break
                 x = _NormalizedPropagation.apply(x, *mats)
                 acc = acc + (x if rows is None else x[rows])
