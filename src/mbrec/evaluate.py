@@ -154,10 +154,10 @@ def evaluate(
     """
     was_training = model.training
     model.eval()
-    if emb is None:
-        emb = model(graphs)
     if behaviors is None:
         behaviors = task_behaviors(model, data, protocol)
+    if emb is None:
+        emb = model.embed(graphs, tuple(behaviors))
     device = next(model.parameters()).device
     held = data.split(split)
     rng = np.random.default_rng(seed)

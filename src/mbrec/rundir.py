@@ -361,7 +361,7 @@ def evaluate_task_checkpoints(
         model.load_state_dict(torch.load(f, map_location=next(model.parameters()).device))
         model.eval()
         with torch.no_grad():
-            emb = model(graphs)
+            emb = model.embed(graphs, (b,))
             for split in splits:
                 out[split].update(evaluate(model, graphs, data, protocol, split, emb=emb, behaviors=(b,),
                                            memory_mb=memory_mb))

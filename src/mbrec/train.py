@@ -25,7 +25,7 @@ import torch
 from mbrec.config import RunConfig
 from mbrec.data.container import MultiBehaviorData
 from mbrec.errors import ConfigError, MbrecError, NonFiniteError
-from mbrec.evaluate import Metrics, check_protocol_fits, evaluate, has_valid, selection_value
+from mbrec.evaluate import Metrics, check_protocol_fits, evaluate, has_valid, selection_value, task_behaviors
 from mbrec.models.base import Batch, Model, Sampler
 from mbrec.rundir import (
     RunFolder,
@@ -222,7 +222,7 @@ class Trainer:
             log.info(f"data: {data.description}")
         log.info(cfg.protocol.describe())
         n_params = sum(p.numel() for p in self.model.parameters())
-        log.info(f"{n_params:,} parameters, device {self.device}, seed {cfg.seed}")
+        log.info(f"{n_params:,} parameters, device {self.device}, seed {cfg.seed}, {torch.get_num_threads()} threads")
         self.model.on_train_start(data, self.graphs, self.device, log=log.info)
         if cfg.train.eval_start == 0:
             self.evaluate_epoch(0, {})
@@ -346,8 +346,8 @@ class Trainer:
         p, mb, data = self.cfg.protocol, self.cfg.train.eval_memory_mb, self.data
         assert data is not None
         self.model.eval()
-        with torch.no_grad():
-            emb = self.model(self.graphs)
+        with torch.no_grad():  # only what the evaluated tasks score with
+            emb = self.model.embed(self.graphs, task_behaviors(self.model, data, p))
         valid = evaluate(self.model, self.graphs, data, p, "valid", emb=emb, memory_mb=mb) if has_valid(data) else {}
         test = evaluate(self.model, self.graphs, data, p, "test", emb=emb, memory_mb=mb) if with_test else {}
         return valid, test

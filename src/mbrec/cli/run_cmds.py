@@ -180,7 +180,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     else:
         users = np.array([data.user_index(u) for u in args.user], dtype=np.int64)
     with torch.no_grad():
-        emb = model(graphs)
+        emb = model.embed(graphs, (behavior,))
         items, scores = recommend(model, emb, data, users, behavior, args.k, cfg.protocol,
                                   memory_mb=cfg.train.eval_memory_mb)
     handle = open(args.out, "w", newline="") if args.out else sys.stdout

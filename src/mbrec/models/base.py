@@ -84,6 +84,11 @@ class Model(nn.Module):
         """Scores ``[len(users), n_items]`` of ``users`` for ``behavior``."""
         raise NotImplementedError
 
+    def embed(self, graphs: Any, behaviors: tuple[str, ...] | None = None) -> Any:
+        """What ``score`` needs for ``behaviors`` (default: all it scores). Models whose final
+        embeddings differ per task override it to build only the evaluated tasks' parts."""
+        return self(graphs)
+
     def floor_products(self, graphs: Any, batch: Mapping[str, torch.Tensor]) -> list[Any]:
         """The large products one training step on ``batch`` requires (``mbrec.bench``'s
         ``SparseProduct``/``DenseProduct``): what the algorithm needs, counting only output rows

@@ -237,6 +237,11 @@ class COPF(Model):
         e = emb["e"][k]
         return self.head.pairs(k, e[users], e[U + items], [(x[users], x[U + items]) for x in ex])
 
+    def embed(self, graphs: Any, behaviors: tuple[str, ...] | None = None) -> dict[str, Any]:
+        """Evaluation: the fitting experts of the evaluated behaviors' tasks only."""
+        tasks = None if behaviors is None else [self.behaviors.index(b) for b in behaviors]
+        return self(graphs, tasks)
+
     # ------------------------------------------------------------------ loss
     def contrastive(self, emb: dict[str, Any], users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """Eq. 8 as coded, for every auxiliary k: rows = the target batch's positive pairs;
