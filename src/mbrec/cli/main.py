@@ -13,6 +13,11 @@ from mbrec.errors import MbrecError
 #: modules that add subcommands; a missing optional module is skipped
 COMMAND_MODULES = ("mbrec.cli.data_cmds", "mbrec.cli.run_cmds", "mbrec.cli.experiment_cmds", "mbrec.cli.report_cmds")
 
+#: subcommands that train or evaluate: without ``--threads`` they run with
+#: :func:`mbrec.threads.default_threads` torch threads (the others never import torch for it)
+COMPUTE_COMMANDS = frozenset({"train", "evaluate", "recommend", "reselect", "experiment", "noise", "sweep", "tune",
+                              "bench"})
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -21,8 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"mbrec {__version__}")
     parser.add_argument("--threads", type=int, metavar="N",
-                        help="CPU threads for torch (default: torch's own choice; on a small shared machine "
-                             "1 is often fastest, see BENCHMARKS.md)")
+                        help="CPU threads for torch (default: $OMP_NUM_THREADS or $MKL_NUM_THREADS if set, else "
+                             "the usable CPUs, at most 8, less the 1-minute load average, at least 1; "
+                             "see mbrec.threads and BENCHMARKS.md)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         try:
@@ -41,13 +47,15 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    if args.threads is not None:
-        if args.threads < 1:
-            print(f"mbrec: error: --threads must be >= 1, got {args.threads}", file=sys.stderr)
-            return 2
+    if args.threads is not None and args.threads < 1:
+        print(f"mbrec: error: --threads must be >= 1, got {args.threads}", file=sys.stderr)
+        return 2
+    if args.threads is not None or args.command in COMPUTE_COMMANDS:
         import torch
 
-        torch.set_num_threads(args.threads)
+        from mbrec.threads import default_threads
+
+        torch.set_num_threads(args.threads if args.threads is not None else default_threads())
     try:
         return int(args.func(args) or 0)
     except MbrecError as e:
