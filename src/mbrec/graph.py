@@ -138,6 +138,12 @@ class _RowsSpMM(torch.autograd.Function):
         return torch.from_numpy(np.ascontiguousarray(At @ g.contiguous().numpy())), None
 
 
+def host_kernels(device: torch.device | str) -> bool:
+    """Whether SciPy kernels may serve tensors on ``device``: only on the CPU. Every model asks
+    here, so the accelerator route never depends on SciPy (``tests/test_device_route.py``)."""
+    return torch.device(device).type == "cpu"
+
+
 def scipy_view(mat: torch.Tensor) -> sp.csr_matrix:
     """A SciPy CSR matrix sharing the memory of a CPU torch CSR tensor."""
     return sp.csr_matrix((mat.values().numpy(), mat.col_indices().numpy(), mat.crow_indices().numpy()),
@@ -154,7 +160,7 @@ def propagate(g: SparseGraph, x: torch.Tensor, rows: torch.Tensor | None = None)
     the full product is computed and the rows taken from it."""
     if rows is None:
         return spmm(g, x)
-    if g.mat.device.type != "cpu":
+    if not host_kernels(g.mat.device):
         return spmm(g, x)[rows]
     A_rows = scipy_view(g.mat)[rows.cpu().numpy()]
     if x.requires_grad:

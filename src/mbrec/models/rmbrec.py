@@ -59,7 +59,7 @@ from torch import nn
 
 from mbrec.data.container import MultiBehaviorData
 from mbrec.errors import ConfigError
-from mbrec.graph import SparseGraph, bipartite, normalize_sym, scipy_view, spmm, to_device
+from mbrec.graph import SparseGraph, bipartite, host_kernels, normalize_sym, scipy_view, spmm, to_device
 from mbrec.losses import BPR_EPS, bpr, info_nce, masked_mean, variance
 from mbrec.models.base import Model, ModelConfig, register
 from mbrec.options import option
@@ -177,7 +177,7 @@ class RMBRec(Model):
                 R = sp.csr_matrix((R.data, R.indices, np.append(R.indptr, R.indptr[-1])), shape=(self.n_u, self.n_i))
             A = normalize_sym(bipartite(R), degree_eps=self.cfg.degree_eps)
             A.sort_indices()
-            scipy_path = torch.device(device).type == "cpu" and self.cfg.cpu_kernel == "scipy"
+            scipy_path = host_kernels(device) and self.cfg.cpu_kernel == "scipy"
             graphs.append(BehaviorGraph(to_device(A, device, symmetric=True), A if scipy_path else None))
         return graphs
 
@@ -205,7 +205,7 @@ class RMBRec(Model):
                 outs.append(out if rows is None else out[rows])
             return outs
         outs = []
-        cpu = ego.device.type == "cpu"
+        cpu = host_kernels(ego.device)
         for g in graphs:
             A = g.csr if g.csr is not None and cpu else None
             mats = (A, A) if A is not None else (g.sparse.mat, g.sparse.mat_t)
