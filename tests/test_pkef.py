@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 from mbrec.data.container import MultiBehaviorData
+from mbrec.graph import SparseGraph
 from mbrec.models._experts import left_graphs, project, unique_matrices
 from mbrec.models.pkef import PKEF, PKEFConfig
 from mbrec.sampling import PairSampler
@@ -129,3 +130,79 @@ def test_gate_weight_on_own_expert_is_logged(tiny: MultiBehaviorData) -> None:
     expect = torch.softmax(torch.cat([c[2][uu], c[2][ii]], 1) @ W + b, dim=1)[:, 0].mean()
     torch.testing.assert_close(terms["gate_own_buy"], expect, rtol=1e-5, atol=1e-6)
     assert not terms["gate_own_buy"].requires_grad
+
+
+def _grads(m: PKEF) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() if p.grad is not None else torch.zeros_like(p) for n, p in m.named_parameters()}
+
+
+def test_row_restricted_loss_equals_full_computation(tiny: MultiBehaviorData) -> None:
+    """``loss`` (last behavior's last layer at the read rows only, shared first message, compact
+    rows) gives the loss terms and gradients of ``loss_reference`` (every node, every layer)."""
+    cases = [dict(loss_weights=[0.0, 4 / 6, 2 / 6]), dict(), dict(layers=[2, 1, 2], loss_weights=[0.5, 0.0, 0.5]),
+             dict(layers=[1, 1, 0]), dict(unique_loss=False, gate="per_task"),
+             dict(loss_weights=[0.0, 0.0, 0.0])]
+    restricted = False
+    for kw in cases:
+        m, g = _model(tiny, batch_users=3, **kw)
+        # float64 (model and graphs): the hand-written backward is compared at tight tolerance
+        m = m.double()
+        g = [SparseGraph(x.mat.to(torch.float64), x.mat_t.to(torch.float64)) for x in g]
+        batch = {k: torch.from_numpy(x) for k, x in next(m.make_sampler(tiny).epoch(np.random.default_rng(1))).items()}
+        p_reads, c_reads = m._reads(batch)
+        reads = [r for rs in p_reads + c_reads for r in rs]
+        restricted |= bool(reads) and torch.unique(torch.cat(reads)).numel() < tiny.n_users + tiny.n_items
+        got = m.loss(g, batch)
+        got["loss"].backward()
+        g_got = _grads(m)
+        m.zero_grad(set_to_none=True)
+        ref = m.loss_reference(g, batch)
+        ref["loss"].backward()
+        g_ref = _grads(m)
+        assert set(got) == set(ref), kw
+        for name in ref:
+            torch.testing.assert_close(got[name], ref[name], rtol=1e-10, atol=1e-12, msg=lambda s: f"{kw} {name}: {s}")
+        for name in g_ref:
+            torch.testing.assert_close(g_got[name], g_ref[name], rtol=1e-9, atol=1e-9, msg=lambda s: f"{kw} {name}: {s}")
+    assert restricted  # some case really computed a strict subset of the rows
+
+
+def test_encoder_at_rows_equals_full_rows(tiny: MultiBehaviorData) -> None:
+    m, g = _model(tiny, layers=[2, 1, 2])
+    rows = torch.tensor([0, 3, 5, tiny.n_users + 1, tiny.n_users + 7])
+    full, part = m(g), m._encode(g, rows)
+    for k in range(3):
+        torch.testing.assert_close(part["c"][k], full["c"][k][rows], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(part["p"][k], full["p"][k][rows], rtol=1e-5, atol=1e-6)
+
+
+def test_floor_products(tiny: MultiBehaviorData) -> None:
+    from mbrec.bench import SparseProduct
+
+    m, g = _model(tiny, layers=[3, 1, 2], loss_weights=[0.0, 4 / 6, 2 / 6], batch_users=3)
+    batch = {k: torch.from_numpy(x) for k, x in next(m.make_sampler(tiny).epoch(np.random.default_rng(1))).items()}
+    prods = m.floor_products(g, batch)
+    assert all(isinstance(p, SparseProduct) and p.width == 4 and p.backward for p in prods)
+    # every layer of both branches, less the cascade's first layer of the first behavior (same input E0)
+    assert len(prods) == 2 * (3 + 1 + 2) - 1
+    assert sum(p.graph is g[0] for p in prods) == 5 and sum(p.graph is g[1] for p in prods) == 2
+    cut = [p for p in prods if p.rows is not None]
+    assert [p.name for p in cut] == ["parallel buy layer 2", "cascade buy layer 2"]
+    U = tiny.n_users
+    task = lambda k: torch.cat([batch[f"users_{k}"], batch[f"pos_{k}"] + U, batch[f"neg_{k}"] + U])  # noqa: E731
+    uni = torch.cat([batch["uusers_1_2"], batch["upos_1_2"] + U, batch["uneg_1_2"] + U])
+    n_c = torch.unique(torch.cat([task(1), task(2), uni])).numel()
+    assert cut[1].rows == n_c and cut[0].rows == n_c  # p[buy]'s rows are among c[buy]'s
+    assert n_c < U + tiny.n_items
+    m0, g0 = _model(tiny, loss_weights=[0.0, 0.0, 0.0])
+    assert m0.floor_products(g0, batch) == []  # nothing trained: nothing required
+
+
+def test_inject_backward_gradcheck() -> None:
+    from mbrec.models.pkef import inject
+
+    gen = torch.Generator().manual_seed(0)
+    msg, prev, par = (torch.randn(6, 4, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    assert torch.autograd.gradcheck(lambda a, b, c: inject(a, b, c, 0.3), (msg, prev, par))
+    with torch.no_grad():
+        torch.testing.assert_close(inject(msg, prev, par, 0.3), msg + prev + 0.3 * project(par, msg))

@@ -26,12 +26,48 @@ import torch
 
 from mbrec.data.container import MultiBehaviorData
 from mbrec.errors import ConfigError
-from mbrec.graph import SparseGraph, to_device
+from mbrec.graph import SparseGraph, propagate, to_device
 from mbrec.losses import bpr, l2
 from mbrec.models._experts import GatedTower, left_graphs, project, unique_matrices, xavier_table
 from mbrec.models.base import Model, ModelConfig, register
 from mbrec.options import option
 from mbrec.sampling import PairSampler
+
+
+class _Inject(torch.autograd.Function):
+    """``msg + prev + inj * project(par, msg)`` (a cascade layer) in four row-wise passes
+    forward and five backward instead of autograd's graph of the projection (the same values up
+    to float rounding). With ``q = <par, m> / (|m|^2 + eps)``, ``G`` the incoming gradient and
+    ``a = inj <G, m> / (|m|^2 + eps)``: ``d prev = G``, ``d m = G (1 + inj q) + a par - 2 a q m``,
+    ``d par = a m``."""
+
+    @staticmethod
+    def forward(ctx, msg: torch.Tensor, prev: torch.Tensor, par: torch.Tensor, inj: float, eps: float) -> torch.Tensor:  # type: ignore[override]
+        den = torch.linalg.vecdot(msg, msg).unsqueeze(-1) + eps
+        q = torch.linalg.vecdot(par, msg).unsqueeze(-1) / den
+        h = msg + prev
+        h.addcmul_(inj * q, msg)
+        ctx.save_for_backward(msg, par, q, den)
+        ctx.inj = inj
+        return h
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):  # type: ignore[override]
+        msg, par, q, den = ctx.saved_tensors
+        inj = ctx.inj
+        a = torch.linalg.vecdot(g, msg).unsqueeze(-1).mul_(inj).div_(den)
+        d_msg = g * (1.0 + inj * q)
+        d_msg.addcmul_(a, par).addcmul_(a * q, msg, value=-2.0)
+        d_par = a * msg if ctx.needs_input_grad[2] else None
+        return d_msg, g, d_par, None, None
+
+
+def inject(msg: torch.Tensor, prev: torch.Tensor, par: torch.Tensor, inj: float, eps: float = 1e-12) -> torch.Tensor:
+    """``msg + prev + inj * project(par, msg)``: :class:`_Inject` when a gradient is needed,
+    else the plain expression."""
+    if torch.is_grad_enabled() and (msg.requires_grad or prev.requires_grad or par.requires_grad):
+        return _Inject.apply(msg, prev, par, inj, eps)
+    return msg + prev + inj * project(par, msg, eps)
 
 
 @dataclass
@@ -90,25 +126,63 @@ class PKEF(Model):
     # ------------------------------------------------------------------ encoder
     def forward(self, graphs: list[SparseGraph]) -> dict[str, list[torch.Tensor]]:  # type: ignore[override]
         """``p[k]`` (parallel) and ``c[k]`` (cascade) behavior outputs, ``[U+I, d]`` each."""
+        return self._encode(graphs)
+
+    def _encode(self, graphs: list[SparseGraph], rows: torch.Tensor | None = None, *,
+                plain: bool = False) -> dict[str, list[torch.Tensor]]:
+        """Both branches. ``rows=None``: ``p[k]``, ``c[k]`` at every node. ``rows`` (sorted unique
+        node ids): ``p[k]`` (tasks with lambda_k > 0 only; others ``None``) and ``c[k]`` at those
+        rows only, ``[len(rows), d]``; the last behavior's last layer (both branches) is then
+        computed at those rows only (nothing downstream reads the rest), every other layer at all
+        nodes (the cascade hands ``In_{k+1}`` over all nodes, the parallel layers inject into it).
+        The cascade's first message ``A_1 E0`` equals the parallel branch's and is computed once.
+        ``plain``: autograd through :func:`project` instead of :func:`inject`'s backward (tests)."""
         e0 = torch.cat([self.user_emb, self.item_emb], 0)
-        par_layers, p = [], []
+        last, inj = self.K - 1, self.config.injection
+
+        def cut(k: int, n: int) -> bool:  # layer n of behavior k computed at `rows` only
+            return rows is not None and k == last and n == self.layers[k] - 1
+
+        par_layers, msg0 = [], None
         for k, g in enumerate(graphs):
             h, hs = e0, [e0]
-            for _ in range(self.layers[k]):
-                h = g @ h + h
+            for n in range(self.layers[k]):
+                if cut(k, n):
+                    msg = propagate(g, h, rows)
+                    h = msg + h[rows]
+                else:
+                    msg = propagate(g, h)
+                    h = msg + h
+                if k == 0 and n == 0:
+                    msg0 = msg  # the cascade starts from E0 too: same product
                 hs.append(h)
             par_layers.append(hs)
-            p.append(torch.stack(hs).sum(0))
-        c, inp = [], e0
+        cas_layers, inp = [], e0
         for k, g in enumerate(graphs):
             h, hs = inp, [inp]
-            for layer in range(self.layers[k]):
-                msg = g @ h
-                h = msg + h + self.config.injection * project(par_layers[k][layer + 1], msg)
+            for n in range(self.layers[k]):
+                if k == 0 and n == 0:
+                    msg, prev = msg0, (h[rows] if cut(k, n) else h)
+                elif cut(k, n):
+                    msg, prev = propagate(g, h, rows), h[rows]
+                else:
+                    msg, prev = propagate(g, h), h
+                par = par_layers[k][n + 1]
+                h = msg + prev + inj * project(par, msg) if plain else inject(msg, prev, par, inj)
                 hs.append(h)
-            c.append(torch.stack(hs).sum(0))
-            inp = h + inp
-        return {"p": p, "c": c}
+            cas_layers.append(hs)
+            if k < last:
+                inp = h + inp
+        if rows is None:
+            return {"p": [torch.stack(hs).sum(0) for hs in par_layers],
+                    "c": [torch.stack(hs).sum(0) for hs in cas_layers]}
+
+        def at_rows(k: int, hs: list[torch.Tensor]) -> torch.Tensor:
+            n_cut = 1 if k == last and self.layers[k] > 0 else 0
+            return torch.stack([x[rows] for x in hs[: len(hs) - n_cut]] + hs[len(hs) - n_cut :]).sum(0)
+
+        return {"p": [at_rows(k, hs) if self.lam[k] != 0.0 else None for k, hs in enumerate(par_layers)],
+                "c": [at_rows(k, hs) for k, hs in enumerate(cas_layers)]}
 
     def projection_experts(self, c: list[torch.Tensor], k: int, rows: torch.Tensor | slice) -> tuple[list[torch.Tensor], dict[int, torch.Tensor]]:
         """Task k at node ``rows``: PME experts [own, shared part of each j != k] and the unique
@@ -125,8 +199,75 @@ class PKEF(Model):
         return experts, unique
 
     # ------------------------------------------------------------------ loss
+    def _reads(self, batch: Mapping[str, torch.Tensor]) -> tuple[list[list[torch.Tensor]], list[list[torch.Tensor]]]:
+        """Node rows the loss reads of ``p[k]`` and of ``c[k]`` (lists of index tensors per k):
+        task k (lambda_k > 0) reads ``p[k]`` and every ``c[j]`` (PME) at its users and items; its
+        unique pair (k, j) reads ``c[k]`` and ``c[j]`` at that pair's users and items."""
+        U = self.n_users
+        p_reads: list[list[torch.Tensor]] = [[] for _ in range(self.K)]
+        c_reads: list[list[torch.Tensor]] = [[] for _ in range(self.K)]
+        for k in range(self.K):
+            if self.lam[k] == 0.0:
+                continue
+            r = torch.cat([batch[f"users_{k}"], batch[f"pos_{k}"] + U, batch[f"neg_{k}"] + U])
+            p_reads[k].append(r)
+            for j in range(self.K):
+                c_reads[j].append(r)
+        for (k, j) in self.unique_pairs:
+            if self.lam[k] == 0.0:
+                continue
+            r = torch.cat([batch[f"uusers_{k}_{j}"], batch[f"upos_{k}_{j}"] + U, batch[f"uneg_{k}_{j}"] + U])
+            c_reads[k].append(r)
+            c_reads[j].append(r)
+        return p_reads, c_reads
+
     def loss(self, graphs: Any, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        emb = self(graphs)
+        """The encoder runs at the node rows the loss reads (:meth:`_encode`); every term is
+        computed on those compact rows and gathered per pair: the numbers of
+        :meth:`loss_reference` (the plain full computation) up to float rounding."""
+        U, scale = self.n_users, self.head.tower_scale
+        reg = self.config.reg * l2(self.user_emb, self.item_emb, self.head.weight)
+        p_reads, c_reads = self._reads(batch)
+        reads = [r for rs in p_reads + c_reads for r in rs]
+        total = reg.new_zeros(())
+        out: dict[str, torch.Tensor] = {}
+        if reads:
+            rows = torch.unique(torch.cat(reads))  # sorted
+            emb = self._encode(graphs, rows)
+            pos = torch.full((U + self.n_items,), -1, dtype=torch.long, device=rows.device)
+            pos[rows] = torch.arange(len(rows), device=rows.device)
+            p, c = emb["p"], emb["c"]
+            for k, b in enumerate(self.behaviors):
+                if self.lam[k] == 0.0:
+                    continue
+                u, pp, neg = batch[f"users_{k}"], batch[f"pos_{k}"], batch[f"neg_{k}"]
+                uu, ii = pos[torch.cat([u, u])], pos[torch.cat([pp, neg]) + U]
+                # scores are stacked [positives; negatives]
+                par = bpr(*(scale * (p[k][uu] * p[k][ii]).sum(-1)).tensor_split(2))
+                experts, unique = self.projection_experts(c, k, slice(None))  # at the compact rows
+                exu, exi = [x[uu] for x in experts], [x[ii] for x in experts]
+                scores, gate = self.head.pairs(k, exu[0], exi[0], list(zip(exu, exi)), return_gate=True)
+                pme = bpr(*scores.tensor_split(2))
+                # the gate's weight on the task's own expert: with the official defaults it falls to
+                # ~0 for the target within the first ~100 steps and recovers later (results/pkef.md)
+                out[f"gate_own_{b}"] = gate[:, 0].detach().mean() if len(gate) else gate.new_zeros(())
+                uni = total.new_zeros(())
+                for (kk, j) in self.unique_pairs:
+                    if kk != k:
+                        continue
+                    u2, p2, n2 = batch[f"uusers_{k}_{j}"], batch[f"upos_{k}_{j}"], batch[f"uneg_{k}_{j}"]
+                    uu2, ii2 = pos[torch.cat([u2, u2])], pos[torch.cat([p2, n2]) + U]
+                    uni = uni + bpr(*(scale * (unique[j][uu2] * unique[j][ii2]).sum(-1)).tensor_split(2))
+                w = 3.0 * self.lam[k]
+                out[f"parallel_{b}"], out[f"pme_{b}"], out[f"unique_{b}"] = (w * par).detach(), (w * pme).detach(), (w * uni).detach()
+                total = total + w * (par + pme + uni)
+        out.update({"loss": total + reg, "bpr": total.detach(), "reg": reg.detach()})
+        return out
+
+    def loss_reference(self, graphs: Any, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The plain full computation of :meth:`loss` (every node, every layer): the reference
+        the row-restricted path is tested against."""
+        emb = self._encode(graphs, plain=True)
         U, scale = self.n_users, self.head.tower_scale
         p, c = emb["p"], emb["c"]
         total = p[0].new_zeros(())
@@ -136,14 +277,11 @@ class PKEF(Model):
                 continue
             u, pos, neg = batch[f"users_{k}"], batch[f"pos_{k}"], batch[f"neg_{k}"]
             uu, ii = torch.cat([u, u]), torch.cat([pos, neg]) + U
-            # scores are stacked [positives; negatives]
             par = bpr(*(scale * (p[k][uu] * p[k][ii]).sum(-1)).tensor_split(2))
             exu, _ = self.projection_experts(c, k, uu)
             exi, _ = self.projection_experts(c, k, ii)
             scores, gate = self.head.pairs(k, exu[0], exi[0], list(zip(exu, exi)), return_gate=True)
             pme = bpr(*scores.tensor_split(2))
-            # the gate's weight on the task's own expert: with the official defaults it falls to
-            # ~0 for the target within the first ~100 steps and recovers later (results/pkef.md)
             out[f"gate_own_{b}"] = gate[:, 0].detach().mean() if len(gate) else gate.new_zeros(())
             uni = total.new_zeros(())
             for (kk, j) in self.unique_pairs:
@@ -159,6 +297,34 @@ class PKEF(Model):
             total = total + w * (par + pme + uni)
         reg = self.config.reg * l2(self.user_emb, self.item_emb, self.head.weight)
         out.update({"loss": total + reg, "bpr": total.detach(), "reg": reg.detach()})
+        return out
+
+    def floor_products(self, graphs: Any, batch: Mapping[str, torch.Tensor]) -> list[Any]:
+        """Every layer of both branches is one product on the behavior's own graph, width d, with
+        a gradient (each reaches a trained task: the parallel layers through the injection into
+        the cascade, the cascade through ``c[j]`` in every task's PME). All nodes, except the
+        last behavior's last layer: its cascade output is read only at the loss's rows of
+        ``c[K]`` and its parallel output there (injection) and at task K's rows of ``p[K]``.
+        The cascade's first layer of the first behavior has the same input ``E0`` as the
+        parallel one: one product. No task trained (all lambda 0): nothing."""
+        from mbrec.bench import SparseProduct
+
+        d, last = self.config.embedding_dim, self.K - 1
+        p_reads, c_reads = self._reads(batch)
+        if not c_reads[last]:
+            return []
+        n_c = int(torch.unique(torch.cat(c_reads[last])).numel())
+        n_p = int(torch.unique(torch.cat(c_reads[last] + p_reads[last])).numel())
+        out: list[Any] = []
+        for k, g in enumerate(graphs):
+            b, L = self.behaviors[k], self.layers[k]
+            for n in range(L):
+                name = f"parallel {b} layer {n + 1}" + (" (= cascade layer 1: same input E0)" if k == 0 and n == 0 else "")
+                out.append(SparseProduct(name, g, d, rows=n_p if k == last and n == L - 1 else None))
+            for n in range(L):
+                if not (k == 0 and n == 0):
+                    out.append(SparseProduct(f"cascade {b} layer {n + 1}", g, d,
+                                             rows=n_c if k == last and n == L - 1 else None))
         return out
 
     # ------------------------------------------------------------------ inference
