@@ -309,3 +309,121 @@ def test_bvae_jd_cascade_and_epoch(shared_datasets) -> None:  # type: ignore[no-
     graphs = model.build_graphs(data, DEV)
     assert graphs["global"].shape == (10_690 + 13_465,) * 2
     assert graphs["global"].mat.values().numel() == 2 * data.train_union().nnz
+
+
+# -- row-restricted training path and floor ------------------------------------------------------
+def full_loss(model: BiGEL, graphs: dict, batch: dict) -> dict[str, torch.Tensor]:
+    """The plain computation: :meth:`BiGEL.encode` over all nodes, then the batch's rows (the
+    loss as written before the row-restricted path; CPA with the in-batch logits matrix)."""
+    c, n = model.config, model.n_users
+    trip = model._triplets(batch)
+    enc = model.encode(graphs)
+    terms: dict[str, torch.Tensor] = {}
+    total, reg = torch.zeros(()), torch.zeros(())
+    for k, b in enumerate(model.order):
+        e = enc["final"][b]
+        U, P, N = trip[k]
+        terms[f"bpr_{b}"] = bpr_of((e[U] * e[n + P]).sum(-1), (e[U] * e[n + N]).sum(-1), c.bpr_form)
+        total = total + model.task_weights[b] * terms[f"bpr_{b}"]
+        if c.reg_scope == "batch":
+            reg = reg + 0.5 * (model.user_emb[U].pow(2).sum() + model.item_emb[P].pow(2).sum()
+                               + model.item_emb[N].pow(2).sum()) / len(U)
+    if c.reg_scope == "all":
+        reg = sum(p.pow(2).sum() for p in model.parameters())
+    terms["reg"] = c.reg * reg
+    total = total + terms["reg"]
+    if c.use_cpa:
+        Ut, Pt, _ = trip[-1]
+        if c.cpa_batch == "target":
+            users, items = torch.unique(Ut), torch.unique(Pt)
+        elif c.cpa_batch == "all":
+            users = torch.unique(torch.cat([x[0] for x in trip]))
+            items = torch.unique(torch.cat([x[1] for x in trip] + [x[2] for x in trip]))
+        else:
+            users, items = Ut, Pt
+        t, g = enc["target"], enc["glob"]
+        if c.cpa_negatives == "in_batch":
+            cpa = info_nce(t[users], g[users], c.tau) + info_nce(t[n + items], g[n + items], c.tau)
+        else:
+            cpa = model.cpa_loss(t, g, users, items)
+        terms["cpa"] = cpa
+        total = total + c.cpa_weight * cpa
+    terms["loss"] = total
+    return terms
+
+
+def bpr_of(pos: torch.Tensor, neg: torch.Tensor, form: str) -> torch.Tensor:
+    from mbrec.losses import bpr
+
+    return bpr(pos, neg, form=form)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        {"gate_input": "aux_target", "cgf_source": "chain", "cpa_batch": "all"},
+        {"cpa_negatives": "full", "reg_scope": "all", "cpa_batch": "target_rows"},
+        {"enhance_items": False, "cgf_detach": True, "layer_agg": "sum", "residual": "handover"},
+        {"enhance_items": False, "gate_input": "aux_target", "use_cgf": False, "residual": "none"},
+        {"use_gce": False, "global_layers": 0},
+        {"use_cgf": False, "use_gce": False, "use_cpa": False},
+        {"use_gce": False, "use_cpa": False, "cgf_source": "chain"},
+        {"order": ["cart", "view", "buy"], "layers": [2, 1, 2], "global_layers": 3, "task_weights": {"view": 0.0}},
+    ],
+)
+def test_row_restricted_loss_equals_full_computation(tiny: MultiBehaviorData, kw: dict) -> None:
+    """``loss`` computes the target block's and the global LightGCN's last layer, CGF and GCE
+    only at the rows the loss reads; the full computation gives the same terms and gradients."""
+    model, graphs, batch = make(tiny, **kw)
+    with torch.no_grad():  # non-trivial gates and projections
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.normal_()
+    ref = full_loss(model, graphs, batch)
+    ref["loss"].backward()
+    g_ref = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    got = model.loss(graphs, batch)
+    got["loss"].backward()
+    assert set(got) == set(ref)
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-5, atol=1e-6)
+    g_got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert set(g_got) == set(g_ref)
+    for k in g_ref:
+        torch.testing.assert_close(g_got[k], g_ref[k], rtol=1e-4, atol=1e-6)
+
+
+def test_floor_products_on_synthetic() -> None:
+    from mbrec.bench import DenseProduct, SparseProduct
+    from mbrec.data.registry import load_dataset
+
+    data = load_dataset("synthetic", n_users=60, n_items=50)
+    torch.manual_seed(0)
+    model = BiGEL(data, BiGELConfig(embedding_dim=8, batch_size=8, layers=[2, 2, 3]))
+    graphs = model.build_graphs(data, DEV)
+    batch = next(iter(model.make_sampler(data).epoch(np.random.default_rng(0))))
+    prods = model.floor_products(graphs, batch)
+    sparse = [p for p in prods if isinstance(p, SparseProduct)]
+    dense = [p for p in prods if isinstance(p, DenseProduct)]
+    b, g = graphs["behavior"], graphs["global"]
+    assert [p.graph for p in sparse] == [b[0]] * 2 + [b[1]] * 2 + [b[2]] * 3 + [g] * 2
+    assert all(p.backward and p.width == 8 for p in sparse)
+    n = model.n_users
+    trip = model._triplets(batch)
+    aux = torch.unique(torch.cat([torch.cat([t[0], n + t[1], n + t[2]]) for t in trip[:2]]))
+    U, P, N = trip[2]
+    target = torch.unique(torch.cat([U, n + P, n + N, aux]))
+    glob = torch.unique(torch.cat([aux, U, n + P]))
+    assert [p.rows for p in sparse] == [None] * 6 + [len(target), None, len(glob)]
+    assert len(target) < b[2].shape[0] and len(glob) < g.shape[0]
+    # CGF gate, GCE gate and projection per auxiliary at its own rows; CPA users and items
+    own = [len(torch.unique(torch.cat([t[0], n + t[1], n + t[2]]))) for t in trip[:2]]
+    assert [p.m for p in dense[:6]] == [own[0]] * 3 + [own[1]] * 3
+    nu, ni = len(torch.unique(U)), len(torch.unique(P))
+    assert [(p.m, p.n) for p in dense[6:]] == [(nu, nu), (ni, ni)]
+    full = BiGEL(data, BiGELConfig(embedding_dim=8, batch_size=8, cpa_negatives="full"))
+    fp = full.floor_products(full.build_graphs(data, DEV), batch)
+    assert [p.rows for p in fp if isinstance(p, SparseProduct) and p.name.startswith("global")] == [None, None]
+    assert [(p.m, p.n) for p in fp if p.name.startswith("CPA")] == [(nu, n), (ni, model.n_items)]

@@ -170,3 +170,63 @@ def test_configs_resolve(name: str) -> None:
     assert cfg.model_args.reg_weight == 1e-3 and cfg.model_args.batch_size == 1024
     if name == "crgcn-beibei":
         assert cfg.protocol.name == "rmbrec" and cfg.protocol.select_metric == "HR@20"
+
+
+# -- row-restricted training path and floor ------------------------------------------------------
+def _full_loss(model: CRGCN, graphs, batch) -> dict[str, torch.Tensor]:
+    """The plain computation (every stage over all nodes, then the triplets' rows)."""
+    from mbrec.losses import bpr
+
+    stages = model(graphs)
+    trip, valid = batch["triplets"].long(), batch["valid"].bool()
+    out, total = {}, torch.zeros(())
+    for k, b in enumerate(model.behaviors):
+        u_all, i_all = stages[b][: model.n_users], stages[b][model.n_users :]
+        u = u_all[trip[:, k, 0]]
+        term = bpr((u * i_all[trip[:, k, 1]]).sum(-1), (u * i_all[trip[:, k, 2]]).sum(-1), form=model.config.bpr_form,
+                   mask=valid[:, k], over="all" if model.config.padding == "batch" else "valid")
+        out[f"bpr_{b}"] = term
+        total = total + term
+    out["reg"] = model.config.reg_weight * (model.user_emb.norm() + model.item_emb.norm()) / (model.n_items + 1)
+    out["loss"] = total + out["reg"]
+    return out
+
+
+@pytest.mark.parametrize("layers,padding", [(1, "batch"), (2, "valid"), (3, "batch")])
+def test_row_restricted_loss_equals_full_computation(tiny, layers: int, padding: str) -> None:
+    """``loss`` computes the last stage at its triplets' rows only: same terms and gradients."""
+    torch.manual_seed(0)
+    model = CRGCN(tiny, CRGCNConfig(embedding_dim=6, layers=layers, batch_size=5, padding=padding))
+    with torch.no_grad():
+        for p in model.bias:
+            p.normal_()
+    graphs = model.build_graphs(tiny, torch.device("cpu"))
+    b = next(iter(model.make_sampler(tiny).epoch(np.random.default_rng(3))))
+    batch = {k: torch.as_tensor(v) for k, v in b.items()}
+    ref = _full_loss(model, graphs, batch)
+    ref["loss"].backward()
+    g_ref = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    got = model.loss(graphs, batch)
+    got["loss"].backward()
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-5, atol=1e-7)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, g_ref[n], rtol=1e-4, atol=1e-7)
+
+
+def test_floor_products_on_synthetic() -> None:
+    from mbrec.bench import SparseProduct
+    from mbrec.data.registry import load_dataset
+
+    data = load_dataset("synthetic", n_users=60, n_items=50)
+    model = CRGCN(data, CRGCNConfig(embedding_dim=8, layers=2, batch_size=16))
+    graphs = model.build_graphs(data, torch.device("cpu"))
+    b = next(iter(model.make_sampler(data).epoch(np.random.default_rng(0))))
+    batch = {k: torch.as_tensor(v) for k, v in b.items()}
+    prods = model.floor_products(graphs, batch)
+    assert len(prods) == 6 and all(isinstance(p, SparseProduct) and p.backward and p.width == 8 for p in prods)
+    assert [p.graph for p in prods] == [graphs[0]] * 2 + [graphs[1]] * 2 + [graphs[2]] * 2
+    t = batch["triplets"][:, 2]
+    n_rows = len(torch.unique(t[:, 0])) + len(torch.unique(t[:, 1:]))
+    assert [p.rows for p in prods] == [None] * 5 + [n_rows] and n_rows < graphs[2].shape[0]

@@ -227,3 +227,103 @@ def test_configs_resolve(name: str) -> None:
     expected = {"crgcn-beibei": (3, 4, 3), "hkuds-beibei": (3, 4, 3), "mule-taobao": (2, 4, 3)}
     if name in expected:
         assert tuple(cfg.model_args.layers) == expected[name]
+
+
+# -- row-restricted training path and floor ------------------------------------------------------
+def _grads(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+
+
+def _batch(model, data, seed: int = 1) -> dict[str, torch.Tensor]:
+    b = next(iter(model.make_sampler(data).epoch(np.random.default_rng(seed))))
+    return {k: torch.as_tensor(v) for k, v in b.items()}
+
+
+@pytest.mark.parametrize("layers", [(1, 2, 1), (2, 0, 3), (0, 1, 0)])
+def test_row_restricted_loss_equals_full_computation(tiny, layers) -> None:
+    """``loss`` computes the last block's last layer at the batch rows only; the plain full
+    cascade (``forward`` + ``bpr_l2_loss``) gives the same terms and gradients."""
+    from mbrec.models.mbcgcn import bpr_l2_loss
+
+    torch.manual_seed(0)
+    model = MBCGCN(tiny, MBCGCNConfig(embedding_dim=6, layers=layers, batch_size=8, reg_weight=0.1, init_std=0.5))
+    graphs = model.build_graphs(tiny, torch.device("cpu"))
+    batch = _batch(model, tiny)
+    emb = model(graphs)
+    ref = bpr_l2_loss(emb["user"], emb["item"], model.user_emb, model.item_emb, batch, 0.1,
+                      extra=[*model.w_user, *model.w_item])
+    ref["loss"].backward()
+    g_ref = _grads(model)
+    model.zero_grad(set_to_none=True)
+    got = model.loss(graphs, batch)
+    got["loss"].backward()
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-5, atol=1e-7)
+    g_got = _grads(model)
+    assert set(g_got) == set(g_ref)
+    for k in g_ref:
+        torch.testing.assert_close(g_got[k], g_ref[k], rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("net", ["lightgcn", "gcn"])
+def test_pretraining_rows_equal_full_computation(tiny, net: str) -> None:
+    """The pretraining objective computes the network's last layer at the batch rows only."""
+    from mbrec.models.mbcgcn import _PRETRAIN_NETS
+
+    rows = torch.tensor([1, 4, 20])
+    no_layer = _PRETRAIN_NETS[net](torch.randn(tiny.n_users + tiny.n_items, 3), 0, 0.1)
+    graph = MBCGCN(tiny, MBCGCNConfig(layers=1)).build_graphs(tiny, torch.device("cpu"))[0]
+    torch.testing.assert_close(no_layer(graph, rows), no_layer(graph)[rows])  # no layer: the ego rows
+
+    from mbrec.graph import split_nodes
+    from mbrec.models.mbcgcn import _PretrainObjective, bpr_l2_loss, make_triplet_sampler
+
+    torch.manual_seed(0)
+    model = MBCGCN(tiny, MBCGCNConfig(embedding_dim=6, layers=1, batch_size=8))
+    graphs = model.build_graphs(tiny, torch.device("cpu"))
+    ego = torch.randn(tiny.n_users + tiny.n_items, 6) * 0.5
+    obj = _PretrainObjective(_PRETRAIN_NETS[net](ego, 2, 0.3), tiny.n_users, 0.1)
+    b = next(iter(make_triplet_sampler("random_users", tiny.train["view"], 8).epoch(np.random.default_rng(2))))
+    batch = {k: torch.as_tensor(v) for k, v in b.items()}
+    full = obj.net(graphs[0])
+    rows = torch.tensor([0, 3, tiny.n_users + 1, tiny.n_users + tiny.n_items - 1])
+    torch.testing.assert_close(obj.net(graphs[0], rows), full[rows], rtol=1e-5, atol=1e-7)
+    u, i = split_nodes(full, tiny.n_users)
+    eu, ei = split_nodes(obj.net.ego, tiny.n_users)
+    ref = bpr_l2_loss(u, i, eu, ei, batch, 0.1)
+    ref["loss"].backward()
+    g_ref = _grads(obj)
+    obj.zero_grad(set_to_none=True)
+    got = obj.loss(graphs, batch)
+    got["loss"].backward()
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-5, atol=1e-7)
+    for k, v in _grads(obj).items():
+        torch.testing.assert_close(v, g_ref[k], rtol=1e-4, atol=1e-7)
+    # its floor: one product per layer, the last at the batch's distinct rows
+    from mbrec.bench import DenseProduct, SparseProduct
+
+    prods = obj.floor_products(graphs, batch)
+    sparse = [p for p in prods if isinstance(p, SparseProduct)]
+    n_rows = len(torch.unique(batch["users"])) + len(torch.unique(torch.cat([batch["pos"], batch["neg"]])))
+    assert [p.rows for p in sparse] == [None, n_rows] and all(p.backward and p.graph is graphs[0] for p in sparse)
+    assert len([p for p in prods if isinstance(p, DenseProduct)]) == (2 if net == "gcn" else 0)
+
+
+def test_floor_products_on_synthetic() -> None:
+    from mbrec.bench import DenseProduct, SparseProduct
+    from mbrec.data.registry import load_dataset
+
+    data = load_dataset("synthetic", n_users=60, n_items=50)
+    model = MBCGCN(data, MBCGCNConfig(embedding_dim=8, layers=(3, 4, 2), batch_size=16))
+    graphs = model.build_graphs(data, torch.device("cpu"))
+    batch = _batch(model, data)
+    prods = model.floor_products(graphs, batch)
+    sparse = [p for p in prods if isinstance(p, SparseProduct)]
+    dense = [p for p in prods if isinstance(p, DenseProduct)]
+    assert len(sparse) == 9 and all(p.backward and p.width == 8 for p in sparse)
+    assert [p.graph for p in sparse] == [graphs[0]] * 3 + [graphs[1]] * 4 + [graphs[2]] * 2
+    n_rows = len(torch.unique(batch["users"])) + len(torch.unique(torch.cat([batch["pos"], batch["neg"]])))
+    assert [p.rows for p in sparse] == [None] * 8 + [n_rows] and n_rows < graphs[2].shape[0]
+    # user and item transfers after every block but the last
+    assert [(p.m, p.k, p.n) for p in dense] == [(60, 8, 8), (50, 8, 8)] * 2

@@ -50,6 +50,11 @@ Options for the paper's ambiguities (default first):
   epoch) and none is under-sampled (click: 28% of its pairs per "target" epoch).
 * ``order``: behaviors upstream -> downstream, target last; default the dataset's order minus
   behaviors without training pairs (JD cart).
+
+Training (:meth:`BiGEL.loss`) computes only what the loss reads: the auxiliary CGL blocks over
+all nodes (each feeds the next block), the target block's and the global LightGCN's last layer
+only at the batch's rows that read them, and CGF/GCE only at the auxiliary triplets' rows
+(:meth:`BiGEL.encode_rows`); :meth:`BiGEL.encode` is the same computation over all nodes.
 """
 
 from __future__ import annotations
@@ -68,6 +73,7 @@ from mbrec.errors import ConfigError
 from mbrec.graph import SparseGraph, bipartite, normalize_sym, to_device
 from mbrec.losses import bpr, info_nce, l2
 from mbrec.models.base import Model, ModelConfig, register
+from mbrec.models.lightgcn import lightgcn_stack
 from mbrec.options import option
 from mbrec.sampling import PerBehaviorTripletSampler, PositiveSet
 
@@ -187,51 +193,63 @@ class BiGEL(Model):
                                          proportional=self.config.epoch_size == "each")
 
     # ------------------------------------------------------------------ encoder
-    def _lightgcn(self, g: SparseGraph, x: torch.Tensor, n_layers: int, include_ego: bool) -> torch.Tensor:
-        acc = x if include_ego else torch.zeros_like(x)
-        h = x
-        for _ in range(n_layers):
-            h = g @ h
-            acc = acc + h
-        if self.config.layer_agg == "mean":
-            acc = acc / (n_layers + int(include_ego))
-        return acc
+    def _lightgcn(self, g: SparseGraph, x: torch.Tensor, n_layers: int, include_ego: bool,
+                  rows: torch.Tensor | None = None) -> torch.Tensor:
+        return lightgcn_stack(g, x, n_layers, rows=rows, include_ego=include_ego, agg=self.config.layer_agg)
 
-    def cascade(self, graphs: Mapping[str, Any]) -> list[torch.Tensor]:
-        """CGL: the per-behavior node embeddings e^(k), ``[U+I, d]`` each, in cascade order."""
-        x = torch.cat([self.user_emb, self.item_emb], dim=0)
+    def _ego(self) -> torch.Tensor:
+        return torch.cat([self.user_emb, self.item_emb], dim=0)
+
+    def _global(self, graphs: Mapping[str, Any], rows: torch.Tensor | None = None,
+                ego: torch.Tensor | None = None) -> torch.Tensor:
+        """The global LightGCN (layers 0..L_g), over all nodes or at ``rows``."""
+        ego = self._ego() if ego is None else ego
+        return self._lightgcn(graphs["global"], ego, self.config.global_layers, include_ego=True, rows=rows)
+
+    def cascade(self, graphs: Mapping[str, Any], target_rows: torch.Tensor | None = None,
+                ego: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """CGL: the per-behavior node embeddings e^(k), ``[U+I, d]`` each, in cascade order; with
+        ``target_rows`` the target's (last) entry holds only those rows. ``ego``: the stacked
+        ``[P; Q]`` when the caller has it already."""
+        x = self._ego() if ego is None else ego
         outs = []
-        for g, n_layers in zip(graphs["behavior"], self.layers):
-            prop = self._lightgcn(g, x, n_layers, include_ego=False)
+        K = len(self.layers)
+        for k, (g, n_layers) in enumerate(zip(graphs["behavior"], self.layers)):
+            rows = target_rows if k == K - 1 else None
+            prop = self._lightgcn(g, x, n_layers, include_ego=False, rows=rows)
+            x_rows = x if rows is None else x[rows]
             if self.config.residual == "output":
-                e = prop + x
+                e = prop + x_rows
                 x = e
             elif self.config.residual == "handover":
-                e, x = prop, prop + x
+                e, x = prop, prop + x_rows
             else:
                 e = x = prop
             outs.append(e)
         return outs
 
-    def _enhance(self, gate: Gate, base: torch.Tensor, add: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """base + gate(base[, target]) * add, on users (and items when ``enhance_items``)."""
+    def _enhance(self, gate: Gate, base: torch.Tensor, add: torch.Tensor, target: torch.Tensor,
+                 is_user: torch.Tensor | None = None) -> torch.Tensor:
+        """base + gate(base[, target]) * add, on users (and items when ``enhance_items``).
+        ``is_user``: which rows are users when ``base`` holds a subset of the nodes."""
         g = gate(base, target) if self.config.gate_input == "aux_target" else gate(base)
         out = base + g * add
         if not self.config.enhance_items:
-            out = torch.cat([out[: self.n_users], base[self.n_users :]], dim=0)
+            if is_user is None:
+                out = torch.cat([out[: self.n_users], base[self.n_users :]], dim=0)
+            else:
+                out = torch.where(is_user[:, None], out, base)
         return out
 
     def encode(self, graphs: Mapping[str, Any]) -> dict[str, Any]:
         """All intermediate embeddings: ``cgl`` (list), ``target``, ``glob`` (or None), ``final``
         ({behavior: [U+I, d]}: the enhanced auxiliaries and the CGL target)."""
         c = self.config
-        cgl = self.cascade(graphs)
+        ego = self._ego()
+        cgl = self.cascade(graphs, ego=ego)
         target = cgl[-1]
         fb_target = target.detach() if c.cgf_detach else target
-        glob = None
-        if self.needs_global:
-            ego = torch.cat([self.user_emb, self.item_emb], dim=0)
-            glob = self._lightgcn(graphs["global"], ego, c.global_layers, include_ego=True)
+        glob = self._global(graphs, ego=ego) if self.needs_global else None
         final: dict[str, torch.Tensor] = {self.order[-1]: target}
         source = fb_target
         for k in range(len(self.order) - 2, -1, -1):  # auxiliaries, downstream first (for "chain")
@@ -245,6 +263,69 @@ class BiGEL(Model):
                 source = e
         return {"cgl": cgl, "target": target, "glob": glob, "final": final}
 
+    def row_sets(self, trip: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+                 cpa: tuple[torch.Tensor, torch.Tensor] | None) -> dict[str, Any]:
+        """The node rows (sorted, distinct) each part of :meth:`encode_rows` produces for a batch:
+        ``aux``: per auxiliary behavior (cascade order), its triplets' nodes, where its CGF and GCE
+        run (with ``cgf_source="chain"`` every auxiliary uses the union: each feeds the next);
+        ``target``: the target triplets' nodes, the CPA rows and, when CGF or a target-reading
+        gate reads it, the auxiliary rows that read it; ``glob``: the auxiliary rows GCE reads
+        and the CPA rows, or ``None`` (every node: CPA with whole-table negatives reads all)."""
+        c, n = self.config, self.n_users
+        empty = torch.zeros(0, dtype=torch.long, device=self.user_emb.device)
+        aux = [torch.unique(torch.cat([t[0], n + t[1], n + t[2]])) for t in trip[:-1]]
+        union = torch.unique(torch.cat(aux + [empty]))
+        if c.cgf_source == "chain":
+            aux = [union] * len(aux)
+        reads = union if c.enhance_items else union[union < n]  # auxiliary rows that read target / glob
+        cpa_rows = empty if cpa is None else torch.cat([cpa[0], n + cpa[1]])
+        t = trip[-1]
+        target_parts = [t[0], n + t[1], n + t[2], cpa_rows]
+        if c.use_cgf or (c.use_gce and c.gate_input == "aux_target"):
+            target_parts.append(reads)
+        glob: torch.Tensor | None = None
+        if self.needs_global and not (c.use_cpa and c.cpa_negatives == "full"):
+            glob = torch.unique(torch.cat([reads if c.use_gce else empty, cpa_rows]))
+        return {"aux": aux, "target": torch.unique(torch.cat(target_parts)), "glob": glob}
+
+    def encode_rows(self, graphs: Mapping[str, Any], sets: Mapping[str, Any]) -> dict[str, Any]:
+        """:meth:`encode` at the rows of :meth:`row_sets` only: ``aux`` ({behavior: its enhanced
+        embedding at ``sets["aux"][k]``}), ``target`` (at ``sets["target"]``), ``glob`` (at
+        ``sets["glob"]``, or all nodes when that is ``None``; ``None`` without a global graph)."""
+        c, n = self.config, self.n_users
+        T, G = sets["target"], sets["glob"]
+        ego = self._ego()
+        cgl = self.cascade(graphs, target_rows=T, ego=ego)
+        target = cgl[-1]
+        glob = self._global(graphs, G, ego=ego) if self.needs_global else None
+
+        def at(x: torch.Tensor, have: torch.Tensor | None, want: torch.Tensor) -> torch.Tensor:
+            """Rows ``want`` of ``x``, which holds the rows ``have`` (``None``: all). Rows absent
+            from ``have`` are only ever read where they are discarded (``enhance_items=False``)."""
+            if have is None:
+                return x[want]
+            if len(have) == 0:
+                return x.new_zeros(len(want), x.shape[1])
+            return x[torch.searchsorted(have, want).clamp_max(len(have) - 1)]
+
+        aux: dict[str, torch.Tensor] = {}
+        source: torch.Tensor | None = None
+        for k in range(len(self.order) - 2, -1, -1):  # auxiliaries, downstream first (for "chain")
+            b, R = self.order[k], sets["aux"][k]
+            e = cgl[k][R]
+            fb = at(target, T, R)
+            if c.cgf_detach:
+                fb = fb.detach()
+            is_user = R < n
+            if c.use_cgf:
+                e = self._enhance(self.cgf_gates[b], e, fb if source is None else source, fb, is_user)
+            if c.use_gce:
+                e = self._enhance(self.gce_gates[b], e, self.gce_proj[b](at(glob, G, R)), fb, is_user)
+            aux[b] = e
+            if c.cgf_source == "chain":
+                source = e  # the same rows: every auxiliary uses the union with "chain"
+        return {"aux": aux, "target": target, "glob": glob}
+
     def forward(self, graphs: Mapping[str, Any]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:  # type: ignore[override]
         final = self.encode(graphs)["final"]
         return {b: (final[b][: self.n_users], final[b][self.n_users :]) for b in self.order}
@@ -257,12 +338,37 @@ class BiGEL(Model):
     # ------------------------------------------------------------------ loss
     def cpa_loss(self, target: torch.Tensor, glob: torch.Tensor, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """L_cpa = InfoNCE(users) + InfoNCE(items) between target and global embeddings."""
+        n = self.n_users
+        return self._cpa(target[users], target[n + items], glob[users], glob[n + items], glob, users, items)
+
+    def _cpa(self, t_users: torch.Tensor, t_items: torch.Tensor, g_users: torch.Tensor | None, g_items: torch.Tensor | None,
+             glob: torch.Tensor | None, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """CPA from gathered rows: target and (in-batch) global rows of the batch's users and
+        items; whole-table negatives read the full ``glob`` instead."""
         n, tau = self.n_users, self.config.tau
-        tu, ti, gu, gi = target[:n], target[n:], glob[:n], glob[n:]
         if self.config.cpa_negatives == "in_batch":
-            return info_nce(tu[users], gu[users], tau) + info_nce(ti[items], gi[items], tau)
-        return (info_nce(tu[users], None, tau, negatives="table", candidates=gu, targets=users)
-                + info_nce(ti[items], None, tau, negatives="table", candidates=gi, targets=items))
+            # in-batch InfoNCE = table InfoNCE against the batch's own global rows, row k's positive
+            # at row k: the same logits, through losses.table_logsumexp's fused backward
+            return (info_nce(t_users, None, tau, negatives="table", candidates=g_users,
+                             targets=torch.arange(len(t_users), device=t_users.device))
+                    + info_nce(t_items, None, tau, negatives="table", candidates=g_items,
+                               targets=torch.arange(len(t_items), device=t_items.device)))
+        assert glob is not None
+        return (info_nce(t_users, None, tau, negatives="table", candidates=glob[:n], targets=users)
+                + info_nce(t_items, None, tau, negatives="table", candidates=glob[n:], targets=items))
+
+    def _cpa_ids(self, trip: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The users and items CPA aligns (``cpa_batch``), or ``None`` without CPA."""
+        c = self.config
+        if not c.use_cpa:
+            return None
+        Ut, Pt, _ = trip[-1]
+        if c.cpa_batch == "target":
+            return torch.unique(Ut), torch.unique(Pt)
+        if c.cpa_batch == "all":
+            return (torch.unique(torch.cat([x[0] for x in trip])),
+                    torch.unique(torch.cat([x[1] for x in trip] + [x[2] for x in trip])))
+        return Ut, Pt
 
     def _triplets(self, batch: Mapping[str, Any]) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """``[(users, pos, neg)]`` per behavior in cascade order, from either batch layout."""
@@ -280,18 +386,20 @@ class BiGEL(Model):
         c = self.config
         dev = self.user_emb.device
         trip = self._triplets(batch)
-        enc = self.encode(graphs)
-        n = self.n_users
+        cpa_ids = self._cpa_ids(trip)
+        sets = self.row_sets(trip, cpa_ids)
+        enc = self.encode_rows(graphs, sets)  # only the rows the loss reads
+        n, K = self.n_users, len(self.order)
         terms: dict[str, torch.Tensor] = {}
         total = torch.zeros((), device=dev)
         reg = torch.zeros((), device=dev)
         for k, b in enumerate(self.order):
-            e = enc["final"][b]
+            e, rows = (enc["target"], sets["target"]) if k == K - 1 else (enc["aux"][b], sets["aux"][k])
             Uk, Pk, Nk = trip[k]
             if len(Uk) == 0:  # "each": a behavior with fewer pairs than batches has empty batches
                 terms[f"bpr_{b}"] = torch.zeros((), device=dev)
                 continue
-            u, i, j = e[Uk], e[n + Pk], e[n + Nk]
+            u, i, j = (e[torch.searchsorted(rows, ids)] for ids in (Uk, n + Pk, n + Nk))
             terms[f"bpr_{b}"] = bpr((u * i).sum(-1), (u * j).sum(-1), form=c.bpr_form)
             total = total + self.task_weights[b] * terms[f"bpr_{b}"]
             if c.reg_scope == "batch":
@@ -300,19 +408,54 @@ class BiGEL(Model):
             reg = l2(*self.parameters())
         terms["reg"] = c.reg * reg
         total = total + terms["reg"]
-        if c.use_cpa:
-            Ut, Pt, _ = trip[-1]
-            if c.cpa_batch == "target":
-                users, items = torch.unique(Ut), torch.unique(Pt)
-            elif c.cpa_batch == "all":
-                users = torch.unique(torch.cat([x[0] for x in trip]))
-                items = torch.unique(torch.cat([x[1] for x in trip] + [x[2] for x in trip]))
-            else:
-                users, items = Ut, Pt
-            terms["cpa"] = self.cpa_loss(enc["target"], enc["glob"], users, items)
+        if cpa_ids is not None:
+            users, items = cpa_ids
+            T, G, glob = sets["target"], sets["glob"], enc["glob"]
+            t_u, t_i = (enc["target"][torch.searchsorted(T, ids)] for ids in (users, n + items))
+            g_u = g_i = None
+            if c.cpa_negatives == "in_batch":
+                g_u, g_i = ((glob[ids] if G is None else glob[torch.searchsorted(G, ids)]) for ids in (users, n + items))
+            terms["cpa"] = self._cpa(t_u, t_i, g_u, g_i, glob, users, items)
             total = total + c.cpa_weight * terms["cpa"]
         terms["loss"] = total
         return terms
+
+    # ------------------------------------------------------------------ floor (mbrec bench)
+    def floor_products(self, graphs: Any, batch: Mapping[str, Any]) -> list[Any]:
+        """CGL: every layer of every auxiliary block over all nodes (each feeds the next block);
+        the target block's layers too, but its last layer only at the rows read from the target
+        (its triplets, the CPA rows, and the auxiliary rows CGF feeds it to). Global LightGCN:
+        its last layer only at the rows GCE and CPA read (all nodes with whole-table CPA
+        negatives). Every product carries a gradient (everything trains). Dense: the CGF and GCE
+        gates and the GCE projections, each at its auxiliary behavior's batch rows, and the CPA
+        logits of users and of items (batch x batch, or batch x table)."""
+        from mbrec.bench import DenseProduct, SparseProduct
+
+        c, d, K = self.config, self.config.embedding_dim, len(self.order)
+        trip = self._triplets(batch)
+        cpa_ids = self._cpa_ids(trip)
+        sets = self.row_sets(trip, cpa_ids)
+        out: list[Any] = []
+        for k, (b, g, L) in enumerate(zip(self.order, graphs["behavior"], self.layers)):
+            last = len(sets["target"]) if k == K - 1 else None  # type: ignore[arg-type]
+            out += [SparseProduct(f"CGL {b} layer {m + 1}", g, d, rows=last if m == L - 1 else None) for m in range(L)]
+        if self.needs_global:
+            G, Lg = sets["glob"], c.global_layers
+            out += [SparseProduct(f"global layer {m + 1}", graphs["global"], d,
+                                  rows=len(G) if (G is not None and m == Lg - 1) else None) for m in range(Lg)]
+        d_gate = 2 * d if c.gate_input == "aux_target" else d
+        for k, b in enumerate(self.order[:-1]):
+            r = len(sets["aux"][k])
+            if c.use_cgf:
+                out.append(DenseProduct(f"CGF gate {b}", r, d_gate, d))
+            if c.use_gce:
+                out += [DenseProduct(f"GCE gate {b}", r, d_gate, d), DenseProduct(f"GCE projection {b}", r, d, d)]
+        if cpa_ids is not None:
+            nu, ni = len(cpa_ids[0]), len(cpa_ids[1])
+            full = c.cpa_negatives == "full"
+            out += [DenseProduct("CPA users", nu, d, self.n_users if full else nu),
+                    DenseProduct("CPA items", ni, d, self.n_items if full else ni)]
+        return out
 
 
 __all__ = ["BiGEL", "BiGELConfig", "Gate", "resolve_order"]

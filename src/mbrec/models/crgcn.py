@@ -29,7 +29,8 @@ Official-code behaviour kept as the default (and the switches):
     every other behavior, so ``scored_behaviors`` is **every behavior** (used by the ``mmr``
     protocol). Target scores are the official ones.
 
-More: ``docs/models/crgcn.md``.
+Training computes the last stage only at the rows its BPR reads (every earlier stage feeds the
+next one over all nodes). More: ``docs/models/crgcn.md``.
 """
 
 from __future__ import annotations
@@ -42,9 +43,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from mbrec.data.container import MultiBehaviorData
-from mbrec.graph import SparseGraph, bipartite, normalize_sym, split_nodes, to_device
+from mbrec.graph import SparseGraph, bipartite, normalize_sym, propagate, split_nodes, to_device
 from mbrec.losses import bpr
 from mbrec.models.base import Model, ModelConfig, register
+from mbrec.models.lightgcn import node_rows
 from mbrec.options import option
 from mbrec.sampling import UserTripletSampler
 
@@ -61,11 +63,17 @@ class CRGCNConfig(ModelConfig):
                           doc="denominator of the per-behavior BPR mean: every row (official) or the valid rows")
 
 
-def residual_gcn_stage(graph: SparseGraph, x: torch.Tensor, biases: list[torch.Tensor]) -> torch.Tensor:
-    """``x + rownorm(GCN(x))`` with GCN = ``len(biases)`` layers of ``Âh + bias``."""
+def residual_gcn_stage(graph: SparseGraph, x: torch.Tensor, biases: list[torch.Tensor],
+                       rows: torch.Tensor | None = None) -> torch.Tensor:
+    """``x + rownorm(GCN(x))`` with GCN = ``len(biases)`` layers of ``Âh + bias``; with ``rows``
+    only those output rows (the last layer computed only there)."""
     h = x
-    for bias in biases:
-        h = graph @ h + bias
+    for n, bias in enumerate(biases):
+        h = propagate(graph, h, rows if n == len(biases) - 1 else None) + bias
+    if rows is not None:
+        x = x[rows]
+        if not biases:
+            h = h[rows]
     return F.normalize(h, dim=-1) + x
 
 
@@ -105,16 +113,22 @@ class CRGCN(Model):
         return UserTripletSampler([data.train[b] for b in self.behaviors], data.train_union(), self.config.batch_size)
 
     def loss(self, graphs: list[SparseGraph], batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        stages = self.forward(graphs)
         trip = batch["triplets"].long()
         valid = batch["valid"].bool()
+        K, U = len(self.behaviors), self.n_users
+        # node rows each behavior's BPR reads; the last stage is computed only at its own
+        last_rows, last_at = node_rows(trip[:, K - 1, 0], U + trip[:, K - 1, 1], U + trip[:, K - 1, 2])
+        stages = self.stages(graphs, last_rows)
         terms: dict[str, torch.Tensor] = {}
         total = torch.zeros((), device=trip.device)
         for k, b in enumerate(self.behaviors):
-            u_all, i_all = split_nodes(stages[b], self.n_users)
-            u = u_all[trip[:, k, 0]]
-            diff_pos = (u * i_all[trip[:, k, 1]]).sum(-1)
-            diff_neg = (u * i_all[trip[:, k, 2]]).sum(-1)
+            e = stages[k]
+            if k == K - 1:
+                u, i, j = (e[at] for at in last_at)
+            else:
+                u, i, j = e[trip[:, k, 0]], e[U + trip[:, k, 1]], e[U + trip[:, k, 2]]
+            diff_pos = (u * i).sum(-1)
+            diff_neg = (u * j).sum(-1)
             term = bpr(diff_pos, diff_neg, form=self.config.bpr_form, mask=valid[:, k],
                        over="all" if self.config.padding == "batch" else "valid")
             terms[f"bpr_{b}"] = term
@@ -125,14 +139,32 @@ class CRGCN(Model):
         return terms
 
     # -- inference --------------------------------------------------------------
+    def stages(self, graphs: list[SparseGraph], last_rows: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """``[E_b]`` in behavior order, each ``[n_users + n_items, d]``; with ``last_rows`` the
+        last stage holds only those node rows."""
+        x = torch.cat([self.user_emb, self.item_emb], 0)
+        out: list[torch.Tensor] = []
+        for k in range(len(self.behaviors)):
+            x = residual_gcn_stage(graphs[k], x, self._biases(k), last_rows if k == len(self.behaviors) - 1 else None)
+            out.append(x)
+        return out
+
     def forward(self, graphs: list[SparseGraph]) -> dict[str, torch.Tensor]:  # type: ignore[override]
         """``{behavior: E_b}``, each ``[n_users + n_items, d]`` (users first)."""
-        x = torch.cat([self.user_emb, self.item_emb], 0)
-        stages: dict[str, torch.Tensor] = {}
-        for k, b in enumerate(self.behaviors):
-            x = residual_gcn_stage(graphs[k], x, self._biases(k))
-            stages[b] = x
-        return stages
+        return dict(zip(self.behaviors, self.stages(graphs)))
+
+    # -- floor (mbrec bench) ----------------------------------------------------------
+    def floor_products(self, graphs: list[SparseGraph], batch: Mapping[str, torch.Tensor]) -> list[Any]:
+        """Every GCN layer of every stage over all nodes (each stage feeds the next), with a
+        gradient (the embedding table trains through all of them), except the last stage's last
+        layer: only at the distinct nodes of the last behavior's triplets, the rows its BPR reads."""
+        from mbrec.bench import SparseProduct
+
+        trip, K, U, d = batch["triplets"].long(), len(self.behaviors), self.n_users, self.config.embedding_dim
+        rows = len(node_rows(trip[:, K - 1, 0], U + trip[:, K - 1, 1], U + trip[:, K - 1, 2])[0])
+        L = self.config.layers
+        return [SparseProduct(f"stage {b} layer {n + 1}", graphs[k], d, rows=rows if (k == K - 1 and n == L - 1) else None)
+                for k, b in enumerate(self.behaviors) for n in range(L)]
 
     def score(self, emb: dict[str, torch.Tensor], users: torch.Tensor, behavior: str) -> torch.Tensor:
         self.check_behavior(behavior)

@@ -15,23 +15,72 @@ Options (``mode``):
   graph so all behaviors propagate in one sparse product); each ranks its own behavior.
 
 Sampler: :class:`mbrec.sampling.InteractionSampler`. More: ``docs/models/lightgcn.md``.
+
+Training computes the last layer only at the rows the batch reads (:func:`lightgcn_stack` with
+``rows``); :func:`lightgcn_stack` and :func:`node_rows` are the LightGCN layer loop and the batch
+row set that MB-CGCN and BiGEL use too.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Any, Mapping
 
 import scipy.sparse as sp
 import torch
 from torch import nn
 
 from mbrec.data.container import MultiBehaviorData
-from mbrec.graph import SparseGraph, bipartite, normalize_sym, to_device
+from mbrec.graph import SparseGraph, bipartite, normalize_sym, propagate, to_device
 from mbrec.losses import bpr, l2
 from mbrec.models.base import Model, ModelConfig, register
 from mbrec.options import option
 from mbrec.sampling import InteractionSampler
+
+
+def lightgcn_stack(
+    g: SparseGraph,
+    x: torch.Tensor,
+    n_layers: int,
+    *,
+    rows: torch.Tensor | None = None,
+    include_ego: bool = True,
+    agg: str = "mean",
+) -> torch.Tensor:
+    """LightGCN propagation ``h_{l+1} = g h_l`` (``h_0 = x``), aggregating layers ``0..L``
+    (``1..L`` without ``include_ego``) by ``mean`` or ``sum``.
+
+    ``rows=None``: ``[N, d]``. With ``rows`` (node indices): only those output rows,
+    ``[len(rows), d]``; layers ``1..L-1`` are still computed over all nodes (the last layer reads
+    them), the last one only at ``rows`` (:func:`mbrec.graph.propagate`). The sum runs in layer
+    order either way, so both give the same numbers (up to the sparse kernel's rounding)."""
+    acc: torch.Tensor | None = x if include_ego else None
+    h = x
+    for n in range(n_layers):
+        if rows is not None and n == n_layers - 1:
+            h_last = propagate(g, h, rows)
+            acc = h_last if acc is None else acc[rows] + h_last
+            break
+        h = propagate(g, h)
+        acc = h if acc is None else acc + h
+    else:  # no layer at rows (n_layers == 0)
+        if acc is None:
+            acc = torch.zeros_like(x)
+        if rows is not None:
+            acc = acc[rows]
+    if agg == "mean":
+        acc = acc / (n_layers + int(include_ego))
+    elif agg != "sum":
+        raise ValueError(f"unknown layer aggregation {agg!r}; use 'mean' or 'sum'")
+    return acc
+
+
+def node_rows(*ids: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """``(rows, positions)``: the sorted distinct node indices of all ``ids`` together, and for
+    each input where its entries sit in ``rows`` (``rows[positions[k]] == ids[k]``)."""
+    ids = tuple(t.long() for t in ids)
+    rows, inverse = torch.unique(torch.cat(ids), return_inverse=True)
+    return rows, list(inverse.split([len(t) for t in ids]))
 
 
 @dataclass
@@ -79,26 +128,36 @@ class LightGCN(Model):
 
     # -- model ------------------------------------------------------------------------------
     def forward(self, graphs: SparseGraph) -> torch.Tensor:  # type: ignore[override]
-        x = self.embedding
-        total = x
-        for _ in range(self.cfg.n_layers):
-            x = graphs @ x
-            total = total + x
-        out = total / (self.cfg.n_layers + 1)
+        out = lightgcn_stack(graphs, self.embedding, self.cfg.n_layers)
         return out.view(self.n_tables, self.n_users + self.n_items, -1)
 
-    def _rows(self, table: torch.Tensor, b: torch.Tensor, idx: torch.Tensor, items: bool) -> torch.Tensor:
-        return table[b, idx + (self.n_users if items else 0)]
+    def _nodes(self, b: torch.Tensor, idx: torch.Tensor, items: bool) -> torch.Tensor:
+        """Row of (table ``b``, user or item ``idx``) in the stacked ``[tables * (U+I), d]`` layout."""
+        return b * (self.n_users + self.n_items) + idx + (self.n_users if items else 0)
 
     def loss(self, graphs: SparseGraph, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        emb = self(graphs)
-        b = batch["b"] if self.n_tables > 1 else torch.zeros_like(batch["users"])
-        u, i, j = batch["users"], batch["pos"], batch["neg"]
-        eu, ei, ej = self._rows(emb, b, u, False), self._rows(emb, b, i, True), self._rows(emb, b, j, True)
+        b = batch["b"].long() if self.n_tables > 1 else torch.zeros_like(batch["users"]).long()
+        u, i, j = batch["users"].long(), batch["pos"].long(), batch["neg"].long()
+        nodes = (self._nodes(b, u, False), self._nodes(b, i, True), self._nodes(b, j, True))
+        rows, (pu, pi, pj) = node_rows(*nodes)
+        emb = lightgcn_stack(graphs, self.embedding, self.cfg.n_layers, rows=rows)  # only the batch's rows
+        eu, ei, ej = emb[pu], emb[pi], emb[pj]
         main = bpr((eu * ei).sum(1), (eu * ej).sum(1))
-        ego = self.embedding.view(self.n_tables, self.n_users + self.n_items, -1)
-        reg = 0.5 * l2(self._rows(ego, b, u, False), self._rows(ego, b, i, True), self._rows(ego, b, j, True)) / len(u)
+        reg = 0.5 * l2(*(self.embedding[n] for n in nodes)) / len(u)
         return {"loss": main + self.cfg.reg * reg, "bpr": main, "reg": reg}
+
+    # ------------------------------------------------------------------ floor (mbrec bench)
+    def floor_products(self, graphs: SparseGraph, batch: Mapping[str, torch.Tensor]) -> list[Any]:
+        """``n_layers`` products on the (block-diagonal) graph, all with a gradient to the ego
+        table; the last one only at the batch's distinct node rows (users, positive and
+        negative items of each table), the only rows the loss reads."""
+        from mbrec.bench import SparseProduct
+
+        L, d = self.cfg.n_layers, self.cfg.embedding_dim
+        b = batch["b"].long() if self.n_tables > 1 else torch.zeros_like(batch["users"]).long()
+        rows, _ = node_rows(self._nodes(b, batch["users"].long(), False), self._nodes(b, batch["pos"].long(), True),
+                            self._nodes(b, batch["neg"].long(), True))
+        return [SparseProduct(f"layer {n + 1}", graphs, d, rows=len(rows) if n == L - 1 else None) for n in range(L)]
 
     def score(self, emb: torch.Tensor, users: torch.Tensor, behavior: str) -> torch.Tensor:
         self.check_behavior(behavior)

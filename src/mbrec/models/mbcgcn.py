@@ -38,6 +38,11 @@ Official-code behaviour kept as the default (and the switches):
     Measured cost and effect: ``results/baselines.md``, ``benchmarks/baselines.md``.
   * Scores only the target behavior.
 
+Training computes only what the BPR reads: the last block's last layer (and the pretraining
+network's last layer) at the batch's distinct user and item rows; every other layer runs over all
+nodes (it feeds the next layer or block). ``MBCGCN.floor_products`` states one training step's
+floor for ``mbrec bench``; ``_PretrainObjective.floor_products`` one pretraining step's.
+
 Samplers: :class:`mbrec.sampling.RandomUserSampler`, :class:`mbrec.sampling.InteractionSampler`.
 More: ``docs/models/mbcgcn.md``.
 """
@@ -55,9 +60,10 @@ from torch import nn
 
 from mbrec.data.container import MultiBehaviorData
 from mbrec.errors import ConfigError
-from mbrec.graph import SparseGraph, bipartite, normalize_sym, split_nodes, to_device
+from mbrec.graph import SparseGraph, bipartite, normalize_sym, propagate, split_nodes, to_device
 from mbrec.losses import bpr, l2
 from mbrec.models.base import Model, ModelConfig, register
+from mbrec.models.lightgcn import lightgcn_stack, node_rows
 from mbrec.options import option
 from mbrec.sampling import InteractionSampler, RandomUserSampler
 
@@ -80,14 +86,21 @@ class MBCGCNConfig(ModelConfig):
                                  doc="pretraining network: LightGCN, or GCN.py as Python executes it (module docstring)")
 
 
-def lightgcn_block(graph: SparseGraph, x: torch.Tensor, n_layers: int) -> torch.Tensor:
-    """LightGCN propagation: mean of ``x, Âx, ..., Â^L x``."""
-    out = x
-    h = x
-    for _ in range(n_layers):
-        h = graph @ h
-        out = out + h
-    return out / (n_layers + 1)
+def lightgcn_block(graph: SparseGraph, x: torch.Tensor, n_layers: int, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """LightGCN propagation: mean of ``x, Âx, ..., Â^L x`` (only at ``rows`` when given; the last
+    layer is then computed for those rows only): :func:`mbrec.models.lightgcn.lightgcn_stack`."""
+    return lightgcn_stack(graph, x, n_layers, rows=rows)
+
+
+class BatchRows:
+    """The node rows a triplet batch ``{users, pos, neg}`` reads: ``rows`` (sorted distinct node
+    indices, items offset by ``n_users``) and where each of the batch's users, positives and
+    negatives sits in it."""
+
+    def __init__(self, batch: Mapping[str, torch.Tensor], n_users: int) -> None:
+        self.users, self.pos, self.neg = batch["users"].long(), batch["pos"].long(), batch["neg"].long()
+        self.rows, (self.at_users, self.at_pos, self.at_neg) = node_rows(
+            self.users, n_users + self.pos, n_users + self.neg)
 
 
 class PretrainLightGCN(nn.Module):
@@ -100,8 +113,16 @@ class PretrainLightGCN(nn.Module):
         self.ego = nn.Parameter(ego)
         self.n_layers = n_layers
 
-    def forward(self, graph: SparseGraph) -> torch.Tensor:
-        return lightgcn_block(graph, self.ego, self.n_layers)
+    def forward(self, graph: SparseGraph, rows: torch.Tensor | None = None) -> torch.Tensor:
+        return lightgcn_block(graph, self.ego, self.n_layers, rows)
+
+    def floor_products(self, graph: SparseGraph, n_rows: int) -> list[Any]:
+        """``n_layers`` products with a gradient to the ego table, the last at the batch's rows."""
+        from mbrec.bench import SparseProduct
+
+        d, L = self.ego.shape[1], self.n_layers
+        return [SparseProduct(f"pretrain layer {n + 1}", graph, d, rows=n_rows if n == L - 1 else None)
+                for n in range(L)]
 
 
 class PretrainGCN(nn.Module):
@@ -119,13 +140,31 @@ class PretrainGCN(nn.Module):
         self.biases = nn.ParameterList(
             [nn.Parameter(torch.randn(1, d, device=ego.device) * init_std) for _ in range(n_layers)])
 
-    def forward(self, graph: SparseGraph) -> torch.Tensor:
+    def forward(self, graph: SparseGraph, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """``[E_0 | ... | E_L]``, or only its ``rows`` (the last layer computed only there)."""
         h = self.ego
         outs = [h]
-        for w, b in zip(self.weights, self.biases):
-            h = torch.nn.functional.leaky_relu(graph @ h @ w + b, negative_slope=0.2)
+        L = len(self.weights)
+        for n, (w, b) in enumerate(zip(self.weights, self.biases)):
+            at = rows if n == L - 1 else None
+            h = torch.nn.functional.leaky_relu(propagate(graph, h, at) @ w + b, negative_slope=0.2)
             outs.append(h)
+        if rows is not None:  # E_L is already at rows (unless there is no layer)
+            outs = [o[rows] for o in outs[:L]] + outs[L:] if L > 0 else [outs[0][rows]]
         return torch.cat(outs, 1)
+
+    def floor_products(self, graph: SparseGraph, n_rows: int) -> list[Any]:
+        """Per layer ``Â E_k`` (gradient: ``E_0`` and every ``W_k`` train) and ``(Â E_k) W_k``; the
+        last layer only at the batch's rows."""
+        from mbrec.bench import DenseProduct, SparseProduct
+
+        n_nodes, d, L = self.ego.shape[0], self.ego.shape[1], len(self.weights)
+        out: list[Any] = []
+        for n in range(L):
+            r = n_rows if n == L - 1 else None
+            out += [SparseProduct(f"pretrain layer {n + 1}", graph, d, rows=r),
+                    DenseProduct(f"pretrain layer {n + 1} weight", n_nodes if r is None else r, d, d)]
+        return out
 
 
 _PRETRAIN_NETS = {"lightgcn": PretrainLightGCN, "gcn": PretrainGCN}
@@ -140,9 +179,21 @@ class _PretrainObjective(nn.Module):
         self.net, self.n_users, self.reg_weight = net, n_users, reg_weight
 
     def loss(self, graphs: list[SparseGraph], batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        u, i = split_nodes(self.net(graphs[0]), self.n_users)
+        r = BatchRows(batch, self.n_users)
+        out = self.net(graphs[0], r.rows)  # only the rows the loss reads
         eu, ei = split_nodes(self.net.ego, self.n_users)
-        return bpr_l2_loss(u, i, eu, ei, batch, self.reg_weight)
+        return bpr_l2_rows(out[r.at_users], out[r.at_pos], out[r.at_neg],
+                           [eu[r.users], ei[r.pos], ei[r.neg]], self.reg_weight)
+
+    def floor_products(self, graphs: list[SparseGraph], batch: Mapping[str, torch.Tensor]) -> list[Any]:
+        """One pretraining step's floor (the network's own products on the first graph)."""
+        return self.net.floor_products(graphs[0], batch_rows(batch))
+
+
+def batch_rows(batch: Mapping[str, torch.Tensor]) -> int:
+    """Distinct node rows a triplet batch's loss reads: its users and its positive/negative items."""
+    items = torch.cat([batch["pos"].long(), batch["neg"].long()])
+    return int(torch.unique(batch["users"]).numel() + torch.unique(items).numel())
 
 
 def make_triplet_sampler(kind: str, R: sp.csr_matrix, batch_size: int) -> RandomUserSampler | InteractionSampler:
@@ -163,11 +214,22 @@ def bpr_l2_loss(
 ) -> dict[str, torch.Tensor]:
     """Softplus BPR on final embeddings + ``reg_weight * ½(‖ego rows‖² + ‖extra‖²) / batch``."""
     users, pos, neg = batch["users"].long(), batch["pos"].long(), batch["neg"].long()
-    u = user_emb[users]
-    s_pos = (u * item_emb[pos]).sum(-1)
-    s_neg = (u * item_emb[neg]).sum(-1)
-    loss_bpr = bpr(s_pos, s_neg, form="softplus")
-    reg = reg_weight * 0.5 * l2(ego_user[users], ego_item[pos], ego_item[neg], *extra) / len(users)
+    return bpr_l2_rows(user_emb[users], item_emb[pos], item_emb[neg], [ego_user[users], ego_item[pos], ego_item[neg]],
+                       reg_weight, extra)
+
+
+def bpr_l2_rows(
+    u: torch.Tensor,
+    i: torch.Tensor,
+    j: torch.Tensor,
+    ego: Sequence[torch.Tensor],
+    reg_weight: float,
+    extra: Sequence[torch.Tensor] = (),
+) -> dict[str, torch.Tensor]:
+    """:func:`bpr_l2_loss` on gathered rows: final embeddings of the batch's users, positives and
+    negatives, and their ego rows ``[users, pos, neg]``."""
+    loss_bpr = bpr((u * i).sum(-1), (u * j).sum(-1), form="softplus")
+    reg = reg_weight * 0.5 * l2(*ego, *extra) / len(u)
     return {"loss": loss_bpr + reg, "bpr": loss_bpr, "reg": reg}
 
 
@@ -213,26 +275,58 @@ class MBCGCN(Model):
         return make_triplet_sampler(self.config.sampler, data.train[self.target], self.config.batch_size)
 
     def loss(self, graphs: list[SparseGraph], batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        emb = self.forward(graphs)
-        return bpr_l2_loss(
-            emb["user"], emb["item"], self.user_emb, self.item_emb, batch,
-            self.config.reg_weight, extra=[*self.w_user, *self.w_item],
-        )
+        r = BatchRows(batch, self.n_users)
+        final = self.cascade(graphs, r.rows)  # only the rows the loss reads
+        return bpr_l2_rows(final[r.at_users], final[r.at_pos], final[r.at_neg],
+                           [self.user_emb[r.users], self.item_emb[r.pos], self.item_emb[r.neg]],
+                           self.config.reg_weight, extra=[*self.w_user, *self.w_item])
+
+    # -- floor (mbrec bench) ----------------------------------------------------------
+    def floor_products(self, graphs: list[SparseGraph], batch: Mapping[str, torch.Tensor]) -> list[Any]:
+        """Every layer of every block over all nodes (a block's output feeds the next block's
+        propagation through the transfer), except the last block's last layer, read only at the
+        batch's rows (distinct users, distinct positive and negative items: the final embedding
+        is read nowhere else). Every product carries a gradient (the first block starts from the
+        trained ego table). Dense: the user and item transfers of every block but the last."""
+        from mbrec.bench import DenseProduct, SparseProduct
+
+        d, K = self.config.embedding_dim, len(self.behaviors)
+        rows = batch_rows(batch)
+        out: list[Any] = []
+        for k, g in enumerate(graphs):
+            L = self.layers[k]
+            out += [SparseProduct(f"block {self.behaviors[k]} layer {n + 1}", g, d,
+                                  rows=rows if (k == K - 1 and n == L - 1) else None) for n in range(L)]
+            if k < K - 1:
+                out += [DenseProduct(f"transfer {self.behaviors[k]} users", self.n_users, d, d),
+                        DenseProduct(f"transfer {self.behaviors[k]} items", self.n_items, d, d)]
+        return out
 
     # -- inference --------------------------------------------------------------
-    def forward(self, graphs: list[SparseGraph]) -> dict[str, torch.Tensor]:  # type: ignore[override]
-        """``{"user", "item"}``: the sum of the block outputs; ``"blocks"``: each block's output."""
+    def cascade(self, graphs: list[SparseGraph], rows: torch.Tensor | None = None,
+                blocks: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """The sum of the block outputs, ``[U+I, d]``, or only its ``rows``: every block but the
+        last runs over all nodes (the next block propagates its transfer), the last block's
+        last layer only at ``rows``. ``blocks`` (a list) receives each block's output."""
         x = torch.cat([self.user_emb, self.item_emb], 0)
-        outs: list[torch.Tensor] = []
+        total: torch.Tensor | None = None
         last = len(self.behaviors) - 1
         for k, g in enumerate(graphs):
-            out = lightgcn_block(g, x, self.layers[k])
-            outs.append(out)
+            out = lightgcn_block(g, x, self.layers[k], rows if k == last else None)
+            if blocks is not None:
+                blocks.append(out)
+            part = out if (rows is None or k == last) else out[rows]
+            total = part if total is None else total + part
             if k < last:
                 u, i = split_nodes(out, self.n_users)
                 x = torch.cat([u @ self.w_user[k], i @ self.w_item[k]], 0)
-        total = torch.stack(outs).sum(0)
-        u, i = split_nodes(total, self.n_users)
+        assert total is not None
+        return total
+
+    def forward(self, graphs: list[SparseGraph]) -> dict[str, torch.Tensor]:  # type: ignore[override]
+        """``{"user", "item"}``: the sum of the block outputs; ``"blocks"``: each block's output."""
+        outs: list[torch.Tensor] = []
+        u, i = split_nodes(self.cascade(graphs, blocks=outs), self.n_users)
         return {"user": u, "item": i, "blocks": outs}
 
     def score(self, emb: dict[str, torch.Tensor], users: torch.Tensor, behavior: str) -> torch.Tensor:
@@ -240,6 +334,20 @@ class MBCGCN(Model):
         return emb["user"][users] @ emb["item"].T
 
     # -- pretraining ------------------------------------------------------------
+    def pretraining(self, data: MultiBehaviorData, device: torch.device) -> tuple[
+            "_PretrainObjective", RandomUserSampler | InteractionSampler, torch.optim.Optimizer]:
+        """A fresh pretraining setup: the objective (network + loss, with ``loss`` and
+        ``floor_products`` like a model's, over ``graphs[0]``), its sampler on the first
+        behavior and its Adam. :meth:`on_train_start` runs it with the trainer's ``train_epoch``;
+        ``mbrec bench`` can time its steps against ``objective.floor_products``."""
+        cfg = self.config
+        sampler = make_triplet_sampler(cfg.sampler, data.train[self.behaviors[0]], cfg.batch_size)
+        ego = torch.cat([torch.randn(self.n_users, cfg.embedding_dim, device=device) * cfg.init_std,
+                         torch.randn(self.n_items, cfg.embedding_dim, device=device) * cfg.init_std])
+        net = _PRETRAIN_NETS[cfg.pretrain_model](ego, cfg.pretrain_layers, cfg.init_std)
+        opt = torch.optim.Adam(net.parameters(), lr=cfg.pretrain_lr)
+        return _PretrainObjective(net, self.n_users, cfg.reg_weight), sampler, opt
+
     def on_train_start(
         self,
         data: MultiBehaviorData,
@@ -256,17 +364,12 @@ class MBCGCN(Model):
         log = log or (lambda _msg: None)
         seed = int(torch.randint(0, 2**31 - 1, ()).item())  # follows the trainer's torch seed
         rng = np.random.default_rng(seed)
-        first = self.behaviors[0]
-        sampler = make_triplet_sampler(cfg.sampler, data.train[first], cfg.batch_size)
-        ego = torch.cat([torch.randn(self.n_users, cfg.embedding_dim, device=device) * cfg.init_std,
-                         torch.randn(self.n_items, cfg.embedding_dim, device=device) * cfg.init_std])
-        net = _PRETRAIN_NETS[cfg.pretrain_model](ego, cfg.pretrain_layers, cfg.init_std)
-        opt = torch.optim.Adam(net.parameters(), lr=cfg.pretrain_lr)
-        log(f"pretraining a {cfg.pretrain_layers}-layer {net.label} on {first!r} for {cfg.pretrain_epochs} epochs "
-            f"(lr {cfg.pretrain_lr}); the first block starts from its embeddings")
+        objective, sampler, opt = self.pretraining(data, device)
+        net = objective.net
+        log(f"pretraining a {cfg.pretrain_layers}-layer {net.label} on {self.behaviors[0]!r} for {cfg.pretrain_epochs} "
+            f"epochs (lr {cfg.pretrain_lr}); the first block starts from its embeddings")
         from mbrec.train import train_epoch  # the trainer's own epoch loop
 
-        objective = _PretrainObjective(net, self.n_users, cfg.reg_weight)
         t_all = time.perf_counter()
         for ep in range(1, cfg.pretrain_epochs + 1):
             t0 = time.perf_counter()
