@@ -11,7 +11,8 @@ from mbrec.bench import SparseProduct
 from mbrec.data.registry import load_dataset
 from mbrec.graph import bipartite, normalize_sym, to_device
 from mbrec.losses import bpr, l2
-from mbrec.models.lightgcn import LightGCN, LightGCNConfig, lightgcn_stack, node_rows
+from mbrec.graph import lightgcn_stack, node_rows
+from mbrec.models.lightgcn import LightGCN, LightGCNConfig
 from mbrec.train import to_tensors
 
 DEV = torch.device("cpu")

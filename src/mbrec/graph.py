@@ -10,6 +10,7 @@ Node layout of a bipartite graph: users ``0..U-1`` then items ``U..U+I-1``.
 from __future__ import annotations
 
 import warnings
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -144,10 +145,23 @@ def host_kernels(device: torch.device | str) -> bool:
     return torch.device(device).type == "cpu"
 
 
+#: id(tensor) -> (weak reference to the tensor, its SciPy view); entries leave with the tensor
+_SCIPY_VIEWS: dict[int, tuple["weakref.ref[torch.Tensor]", sp.csr_matrix]] = {}
+
+
 def scipy_view(mat: torch.Tensor) -> sp.csr_matrix:
-    """A SciPy CSR matrix sharing the memory of a CPU torch CSR tensor."""
-    return sp.csr_matrix((mat.values().numpy(), mat.col_indices().numpy(), mat.crow_indices().numpy()),
-                         shape=tuple(mat.shape))
+    """A SciPy CSR matrix with the values of a CPU torch CSR tensor, built once per tensor (SciPy
+    converts int64 indices on every product otherwise; the cache holds int32 copies when they fit)."""
+    entry = _SCIPY_VIEWS.get(id(mat))
+    view = entry[1] if entry is not None and entry[0]() is mat else None
+    if view is None:
+        indices, indptr = mat.col_indices().numpy(), mat.crow_indices().numpy()
+        if indptr[-1] < 2**31 and max(mat.shape) < 2**31:
+            indices, indptr = indices.astype(np.int32), indptr.astype(np.int32)
+        view = sp.csr_matrix((mat.values().numpy(), indices, indptr), shape=tuple(mat.shape))
+        key = id(mat)
+        _SCIPY_VIEWS[key] = (weakref.ref(mat, lambda _r, k=key: _SCIPY_VIEWS.pop(k, None)), view)
+    return view
 
 
 def propagate(g: SparseGraph, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -166,6 +180,51 @@ def propagate(g: SparseGraph, x: torch.Tensor, rows: torch.Tensor | None = None)
     if x.requires_grad:
         return _RowsSpMM.apply(x, A_rows)
     return torch.from_numpy(np.ascontiguousarray(A_rows @ x.contiguous().numpy()))
+
+
+def lightgcn_stack(
+    g: SparseGraph,
+    x: torch.Tensor,
+    n_layers: int,
+    *,
+    rows: torch.Tensor | None = None,
+    include_ego: bool = True,
+    agg: str = "mean",
+) -> torch.Tensor:
+    """LightGCN propagation ``h_{l+1} = g h_l`` (``h_0 = x``), aggregating layers ``0..L``
+    (``1..L`` without ``include_ego``) by ``mean`` or ``sum``.
+
+    ``rows=None``: ``[N, d]``. With ``rows`` (node indices): only those output rows,
+    ``[len(rows), d]``; layers ``1..L-1`` are still computed over all nodes (the last layer reads
+    them), the last one only at ``rows`` (:func:`propagate`). The sum runs in layer
+    order either way, so both give the same numbers (up to the sparse kernel's rounding)."""
+    acc: torch.Tensor | None = x if include_ego else None
+    h = x
+    for n in range(n_layers):
+        if rows is not None and n == n_layers - 1:
+            h_last = propagate(g, h, rows)
+            acc = h_last if acc is None else acc[rows] + h_last
+            break
+        h = propagate(g, h)
+        acc = h if acc is None else acc + h
+    else:  # no layer at rows (n_layers == 0)
+        if acc is None:
+            acc = torch.zeros_like(x)
+        if rows is not None:
+            acc = acc[rows]
+    if agg == "mean":
+        acc = acc / (n_layers + int(include_ego))
+    elif agg != "sum":
+        raise ValueError(f"unknown layer aggregation {agg!r}; use 'mean' or 'sum'")
+    return acc
+
+
+def node_rows(*ids: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """``(rows, positions)``: the sorted distinct node indices of all ``ids`` together, and for
+    each input where its entries sit in ``rows`` (``rows[positions[k]] == ids[k]``)."""
+    ids = tuple(t.long() for t in ids)
+    rows, inverse = torch.unique(torch.cat(ids), return_inverse=True)
+    return rows, list(inverse.split([len(t) for t in ids]))
 
 
 def split_nodes(x: torch.Tensor, n_users: int) -> tuple[torch.Tensor, torch.Tensor]:

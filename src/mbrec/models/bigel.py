@@ -70,10 +70,9 @@ from torch import nn
 
 from mbrec.data.container import MultiBehaviorData
 from mbrec.errors import ConfigError
-from mbrec.graph import SparseGraph, bipartite, normalize_sym, to_device
+from mbrec.graph import SparseGraph, bipartite, lightgcn_stack, normalize_sym, to_device
 from mbrec.losses import bpr, info_nce, l2
 from mbrec.models.base import Model, ModelConfig, register
-from mbrec.models.lightgcn import lightgcn_stack
 from mbrec.options import option
 from mbrec.sampling import PerBehaviorTripletSampler, PositiveSet
 

@@ -43,10 +43,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from mbrec.data.container import MultiBehaviorData
-from mbrec.graph import SparseGraph, bipartite, normalize_sym, propagate, split_nodes, to_device
+from mbrec.graph import SparseGraph, bipartite, node_rows, normalize_sym, propagate, split_nodes, to_device
 from mbrec.losses import bpr
 from mbrec.models.base import Model, ModelConfig, register
-from mbrec.models.lightgcn import node_rows
 from mbrec.options import option
 from mbrec.sampling import UserTripletSampler
 

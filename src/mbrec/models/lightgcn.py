@@ -31,56 +31,11 @@ import torch
 from torch import nn
 
 from mbrec.data.container import MultiBehaviorData
-from mbrec.graph import SparseGraph, bipartite, normalize_sym, propagate, to_device
+from mbrec.graph import SparseGraph, bipartite, lightgcn_stack, node_rows, normalize_sym, to_device
 from mbrec.losses import bpr, l2
 from mbrec.models.base import Model, ModelConfig, register
 from mbrec.options import option
 from mbrec.sampling import InteractionSampler
-
-
-def lightgcn_stack(
-    g: SparseGraph,
-    x: torch.Tensor,
-    n_layers: int,
-    *,
-    rows: torch.Tensor | None = None,
-    include_ego: bool = True,
-    agg: str = "mean",
-) -> torch.Tensor:
-    """LightGCN propagation ``h_{l+1} = g h_l`` (``h_0 = x``), aggregating layers ``0..L``
-    (``1..L`` without ``include_ego``) by ``mean`` or ``sum``.
-
-    ``rows=None``: ``[N, d]``. With ``rows`` (node indices): only those output rows,
-    ``[len(rows), d]``; layers ``1..L-1`` are still computed over all nodes (the last layer reads
-    them), the last one only at ``rows`` (:func:`mbrec.graph.propagate`). The sum runs in layer
-    order either way, so both give the same numbers (up to the sparse kernel's rounding)."""
-    acc: torch.Tensor | None = x if include_ego else None
-    h = x
-    for n in range(n_layers):
-        if rows is not None and n == n_layers - 1:
-            h_last = propagate(g, h, rows)
-            acc = h_last if acc is None else acc[rows] + h_last
-            break
-        h = propagate(g, h)
-        acc = h if acc is None else acc + h
-    else:  # no layer at rows (n_layers == 0)
-        if acc is None:
-            acc = torch.zeros_like(x)
-        if rows is not None:
-            acc = acc[rows]
-    if agg == "mean":
-        acc = acc / (n_layers + int(include_ego))
-    elif agg != "sum":
-        raise ValueError(f"unknown layer aggregation {agg!r}; use 'mean' or 'sum'")
-    return acc
-
-
-def node_rows(*ids: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """``(rows, positions)``: the sorted distinct node indices of all ``ids`` together, and for
-    each input where its entries sit in ``rows`` (``rows[positions[k]] == ids[k]``)."""
-    ids = tuple(t.long() for t in ids)
-    rows, inverse = torch.unique(torch.cat(ids), return_inverse=True)
-    return rows, list(inverse.split([len(t) for t in ids]))
 
 
 @dataclass

@@ -60,10 +60,9 @@ from torch import nn
 
 from mbrec.data.container import MultiBehaviorData
 from mbrec.errors import ConfigError
-from mbrec.graph import SparseGraph, bipartite, normalize_sym, propagate, split_nodes, to_device
+from mbrec.graph import SparseGraph, bipartite, lightgcn_stack, node_rows, normalize_sym, propagate, split_nodes, to_device
 from mbrec.losses import bpr, l2
 from mbrec.models.base import Model, ModelConfig, register
-from mbrec.models.lightgcn import lightgcn_stack, node_rows
 from mbrec.options import option
 from mbrec.sampling import InteractionSampler, RandomUserSampler
 
