@@ -28,9 +28,10 @@ ROWS = [
 ]
 
 
-def run_row(model: str, data: str, threads: int, steps: int) -> dict:
+def run_row(model: str, data: str, threads: int, steps: int, clock: str) -> dict:
     cmd = [sys.executable, "-m", "mbrec", "--threads", str(threads), "bench", model, data,
-           "--config", str(ROOT / "configs" / model / f"{data}.yaml"), "--steps", str(steps), "--json"]
+           "--config", str(ROOT / "configs" / model / f"{data}.yaml"), "--steps", str(steps), "--clock", clock,
+           "--json"]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
     if done.returncode != 0:
@@ -44,6 +45,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--only", nargs="+", help="models to run (default: all rows)")
     ap.add_argument("--data", nargs="+", help="datasets to run (default: all rows)")
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall", help="mbrec bench --clock")
     args = ap.parse_args()
     print("| model | dataset | threads | epoch s | floor s | ratio | peak MB | command |")
     print("|---|---|---|---|---|---|---|---|")
@@ -51,8 +53,8 @@ def main() -> None:
         if (args.only and model not in args.only) or (args.data and data not in args.data):
             continue
         for t in args.threads:
-            r = run_row(model, data, t, args.steps)
-            cmd = f"`mbrec --threads {t} bench {model} {data} --steps {args.steps}`"
+            r = run_row(model, data, t, args.steps, args.clock)
+            cmd = f"`mbrec --threads {t} bench {model} {data} --steps {args.steps} --clock {args.clock}`"
             if "error" in r:
                 print(f"| {model} | {data} | {t} | - | - | - | - | {cmd}: {r['error']} |", flush=True)
                 continue

@@ -62,6 +62,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--steps", type=int, default=10, help="timed training steps (default 10)")
     p.add_argument("--repeats", type=int, default=5, help="timings per floor product (median; default 5)")
     p.add_argument("--device", help="cpu or cuda")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="time with the wall clock (default) or this process's CPU time (steadier on a shared "
+                        "or virtual machine; compare CPU times at one thread only)")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     p.set_defaults(func=cmd_bench)
 
@@ -231,11 +234,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         config = str(guess) if guess.is_file() else None
     extra = list(args.set) + ([f"device={args.device}"] if args.device else [])
     cfg = build_config(args.model, args.data, config_file=config, overrides=extra)
-    report = bench(cfg, steps=args.steps, repeats=args.repeats,
+    report = bench(cfg, steps=args.steps, repeats=args.repeats, clock=args.clock,
                    out=None if args.json else (lambda m: print(m, file=sys.stderr)))
     if args.json:
         print(json.dumps({"model": report.model, "dataset": report.dataset, "threads": report.threads,
-                          "device": report.device, "config": config, "steps_per_epoch": report.steps_per_epoch,
+                          "device": report.device, "clock": report.clock, "config": config, "steps_per_epoch": report.steps_per_epoch,
                           "floor_step_s": report.floor_step_s, "step_s": report.step_s, "ratio": report.ratio,
                           "floor_epoch_s": report.floor_step_s * report.steps_per_epoch,
                           "epoch_s": report.step_s * report.steps_per_epoch, "sample_s": report.sample_s,
