@@ -224,7 +224,7 @@ class PKEF(Model):
     def loss(self, graphs: Any, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The encoder runs at the node rows the loss reads (:meth:`_encode`); every term is
         computed on those compact rows and gathered per pair: the numbers of
-        :meth:`loss_reference` (the plain full computation) up to float rounding."""
+        the plain full computation (``reference_loss`` in ``tests/test_pkef.py``) up to float rounding."""
         U, scale = self.n_users, self.head.tower_scale
         reg = self.config.reg * l2(self.user_emb, self.item_emb, self.head.weight)
         p_reads, c_reads = self._reads(batch)
@@ -261,41 +261,6 @@ class PKEF(Model):
                 w = 3.0 * self.lam[k]
                 out[f"parallel_{b}"], out[f"pme_{b}"], out[f"unique_{b}"] = (w * par).detach(), (w * pme).detach(), (w * uni).detach()
                 total = total + w * (par + pme + uni)
-        out.update({"loss": total + reg, "bpr": total.detach(), "reg": reg.detach()})
-        return out
-
-    def loss_reference(self, graphs: Any, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The plain full computation of :meth:`loss` (every node, every layer): the reference
-        the row-restricted path is tested against."""
-        emb = self._encode(graphs, plain=True)
-        U, scale = self.n_users, self.head.tower_scale
-        p, c = emb["p"], emb["c"]
-        total = p[0].new_zeros(())
-        out: dict[str, torch.Tensor] = {}
-        for k, b in enumerate(self.behaviors):
-            if self.lam[k] == 0.0:
-                continue
-            u, pos, neg = batch[f"users_{k}"], batch[f"pos_{k}"], batch[f"neg_{k}"]
-            uu, ii = torch.cat([u, u]), torch.cat([pos, neg]) + U
-            par = bpr(*(scale * (p[k][uu] * p[k][ii]).sum(-1)).tensor_split(2))
-            exu, _ = self.projection_experts(c, k, uu)
-            exi, _ = self.projection_experts(c, k, ii)
-            scores, gate = self.head.pairs(k, exu[0], exi[0], list(zip(exu, exi)), return_gate=True)
-            pme = bpr(*scores.tensor_split(2))
-            out[f"gate_own_{b}"] = gate[:, 0].detach().mean() if len(gate) else gate.new_zeros(())
-            uni = total.new_zeros(())
-            for (kk, j) in self.unique_pairs:
-                if kk != k:
-                    continue
-                u2, p2, n2 = batch[f"uusers_{k}_{j}"], batch[f"upos_{k}_{j}"], batch[f"uneg_{k}_{j}"]
-                uu2, ii2 = torch.cat([u2, u2]), torch.cat([p2, n2]) + U
-                _, unu = self.projection_experts(c, k, uu2)
-                _, uni_i = self.projection_experts(c, k, ii2)
-                uni = uni + bpr(*(scale * (unu[j] * uni_i[j]).sum(-1)).tensor_split(2))
-            w = 3.0 * self.lam[k]
-            out[f"parallel_{b}"], out[f"pme_{b}"], out[f"unique_{b}"] = (w * par).detach(), (w * pme).detach(), (w * uni).detach()
-            total = total + w * (par + pme + uni)
-        reg = self.config.reg * l2(self.user_emb, self.item_emb, self.head.weight)
         out.update({"loss": total + reg, "bpr": total.detach(), "reg": reg.detach()})
         return out
 
