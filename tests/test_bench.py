@@ -78,3 +78,11 @@ def test_bench_command_json(capsys) -> None:
 
 def test_bench_command_rejects_zero_steps(capsys) -> None:
     assert main(["bench", "lightgcn", "synthetic", "--steps", "0"]) == 2
+
+
+def test_bench_pretraining_of_mbcgcn(capsys) -> None:
+    assert main(["bench", "mbcgcn", "synthetic", "--pretrain", "--steps", "2", "--repeats", "1", "--json",
+                 "--set", "model_args.pretrain_epochs=1"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["model"] == "mbcgcn (pretraining)" and out["floor_step_s"] > 0 and out["products"]
+    assert main(["bench", "lightgcn", "synthetic", "--pretrain", "--steps", "1"]) == 2

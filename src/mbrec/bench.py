@@ -206,13 +206,15 @@ def steps_per_epoch(sampler: Any, rng: np.random.Generator) -> int:
 
 
 def bench(cfg: Any, *, steps: int = 10, repeats: int = 5, out: Callable[[str], None] | None = None,
-          clock: str = "wall") -> BenchReport:
+          clock: str = "wall", pretrain: bool = False) -> BenchReport:
     """Measure ``steps`` training steps of ``cfg`` and time the model's floor products, both with
-    ``clock`` (:data:`CLOCKS`)."""
+    ``clock`` (:data:`CLOCKS`). ``pretrain``: the steps of the model's pretraining instead (a
+    model with a ``pretraining(data, device)`` method returning objective, sampler, optimiser)."""
     global _clock
     _clock = CLOCKS[clock]
+    from mbrec.errors import ConfigError
     from mbrec.rundir import build_model, load_data, resolve_device
-    from mbrec.train import set_seed, to_tensors, train_step
+    from mbrec.train import set_seed, to_tensors
 
     say = out or (lambda _m: None)
     device = resolve_device(cfg.device)
@@ -220,11 +222,34 @@ def bench(cfg: Any, *, steps: int = 10, repeats: int = 5, out: Callable[[str], N
     set_seed(cfg.seed)
     model = build_model(cfg, data, device)
     graphs = model.build_graphs(data, device)
-    sampler = model.make_sampler(data)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    rng = np.random.default_rng(cfg.seed)
-    report = BenchReport(cfg.model, data.name, torch.get_num_threads(), str(device),
+    if pretrain:
+        if not hasattr(model, "pretraining"):
+            raise ConfigError(f"model {cfg.model!r} has no pretraining to benchmark")
+        trainable, sampler, opt = model.pretraining(data, device)
+    else:
+        trainable, sampler = model, model.make_sampler(data)
+        opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    name = f"{cfg.model} (pretraining)" if pretrain else cfg.model
+    report = BenchReport(name, data.name, torch.get_num_threads(), str(device),
                          steps_per_epoch(sampler, np.random.default_rng(cfg.seed)), clock=clock)
+    first = _time_steps(report, trainable, graphs, sampler, opt, np.random.default_rng(cfg.seed), device, steps, say)
+    products = trainable.floor_products(graphs, to_tensors(first, device))
+    prng = np.random.default_rng(0)
+    for p in products:
+        say(f"timing {p.name}")
+        t = time_sparse(p, device, repeats, prng) if isinstance(p, SparseProduct) else time_dense(p, device, repeats)
+        report.products.append(t)
+    if not products:
+        print(f"mbrec bench: {name} declares no floor products (floor_products)", file=sys.stderr)
+    return report
+
+
+def _time_steps(report: BenchReport, trainable: Any, graphs: Any, sampler: Any, opt: torch.optim.Optimizer,
+                rng: np.random.Generator, device: torch.device, steps: int, say: Callable[[str], None]) -> Any:
+    """One warm-up and ``steps`` timed training steps; fills the report's step, sampling and
+    memory figures and returns the warm-up batch (the floor is declared for it)."""
+    from mbrec.train import train_step
+
     batches = sampler.epoch(rng)
     step_times, sample_times = [], []
     first = None
@@ -235,7 +260,7 @@ def bench(cfg: Any, *, steps: int = 10, repeats: int = 5, out: Callable[[str], N
             batches = sampler.epoch(rng)
             batch = next(batches)
         t1 = _clock()
-        train_step(model, graphs, batch, opt, device)
+        train_step(trainable, graphs, batch, opt, device)
         _sync(device)
         if i == 0:
             first = batch
@@ -248,12 +273,4 @@ def bench(cfg: Any, *, steps: int = 10, repeats: int = 5, out: Callable[[str], N
     report.peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     if device.type == "cuda":
         report.peak_mb = torch.cuda.max_memory_allocated(device) / 2**20
-    products = model.floor_products(graphs, to_tensors(first, device))
-    prng = np.random.default_rng(0)
-    for p in products:
-        say(f"timing {p.name}")
-        t = time_sparse(p, device, repeats, prng) if isinstance(p, SparseProduct) else time_dense(p, device, repeats)
-        report.products.append(t)
-    if not products:
-        print(f"mbrec bench: {cfg.model} declares no floor products (Model.floor_products)", file=sys.stderr)
-    return report
+    return first
