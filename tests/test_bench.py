@@ -86,3 +86,16 @@ def test_bench_pretraining_of_mbcgcn(capsys) -> None:
     out = json.loads(capsys.readouterr().out)
     assert out["model"] == "mbcgcn (pretraining)" and out["floor_step_s"] > 0 and out["products"]
     assert main(["bench", "lightgcn", "synthetic", "--pretrain", "--steps", "1"]) == 2
+
+
+def test_scipy_full_kernel_equals_torch_kernel(graph, monkeypatch) -> None:
+    import mbrec.graph as G
+
+    x = torch.randn(40, 6, requires_grad=True)
+    w = torch.randn(50, 6)
+    want = spmm(graph, x)
+    (g_want,) = torch.autograd.grad((want * w).sum(), x)
+    monkeypatch.setattr(G, "CPU_FULL_KERNEL", "scipy")
+    got = spmm(graph, x)
+    (g_got,) = torch.autograd.grad((got * w).sum(), x)
+    assert torch.allclose(got, want, atol=1e-5) and torch.allclose(g_got, g_want, atol=1e-5)

@@ -9,6 +9,7 @@ Node layout of a bipartite graph: users ``0..U-1`` then items ``U..U+I-1``.
 
 from __future__ import annotations
 
+import os
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -116,8 +117,32 @@ class _SpMM(torch.autograd.Function):
         return None, None, torch.sparse.mm(ctx.mat_t, grad.contiguous())
 
 
+class _HostSpMM(torch.autograd.Function):
+    """``A @ x`` with SciPy's CSR kernel on cached views of ``A`` and ``A^T`` (CPU)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, mat: torch.Tensor, mat_t: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.mat_t = mat_t
+        return _host_mm(mat, x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        return _host_mm(ctx.mat_t, grad), None, None
+
+
+def _host_mm(mat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(scipy_view(mat) @ x.detach().contiguous().numpy()))
+
+
+#: the CPU kernel of full products: ``torch`` (default) or ``scipy`` (``MBREC_CPU_KERNEL``); the
+#: faster one depends on the machine and its load (BENCHMARKS.md, "Kernel floors")
+CPU_FULL_KERNEL = os.environ.get("MBREC_CPU_KERNEL", "torch")
+
+
 def spmm(g: SparseGraph, x: torch.Tensor) -> torch.Tensor:
     """``g.mat @ x`` with gradient for ``x`` only (the graph is data, not a parameter)."""
+    if CPU_FULL_KERNEL == "scipy" and host_kernels(g.mat.device):
+        return _HostSpMM.apply(x, g.mat, g.mat_t) if x.requires_grad else _host_mm(g.mat, x)
     if x.requires_grad:
         return _SpMM.apply(g.mat, g.mat_t, x)
     return torch.sparse.mm(g.mat, x)
