@@ -130,8 +130,10 @@ class _HostSpMM(torch.autograd.Function):
         return _host_mm(ctx.mat_t, grad), None, None
 
 
-def _host_mm(mat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(scipy_view(mat) @ x.detach().contiguous().numpy()))
+def _host_mm(mat: torch.Tensor | sp.csr_matrix, x: torch.Tensor) -> torch.Tensor:
+    """``mat @ x`` with SciPy's CSR kernel (``mat`` a CPU torch CSR tensor or a SciPy matrix)."""
+    A = scipy_view(mat) if isinstance(mat, torch.Tensor) else mat
+    return torch.from_numpy(np.ascontiguousarray(A @ x.detach().contiguous().numpy()))
 
 
 #: the CPU kernel of full products: ``torch`` (default) or ``scipy`` (``MBREC_CPU_KERNEL``); the
@@ -155,13 +157,12 @@ class _RowsSpMM(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, A_rows: sp.csr_matrix) -> torch.Tensor:  # type: ignore[override]
         ctx.A_rows = A_rows
-        return torch.from_numpy(np.ascontiguousarray(A_rows @ x.detach().contiguous().numpy()))
+        return _host_mm(A_rows, x)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):  # type: ignore[override]
         # SciPy's CSC-times-dense kernel is about 2.5x slower than converting to CSR first
-        At = ctx.A_rows.T.tocsr()
-        return torch.from_numpy(np.ascontiguousarray(At @ g.contiguous().numpy())), None
+        return _host_mm(ctx.A_rows.T.tocsr(), g), None
 
 
 def host_kernels(device: torch.device | str) -> bool:
@@ -193,18 +194,17 @@ def propagate(g: SparseGraph, x: torch.Tensor, rows: torch.Tensor | None = None)
     """One propagation step ``A @ x``, or ``A[rows] @ x`` (``[len(rows), d]``) when the caller
     reads only those output rows: the single sparse layer every model uses.
 
-    Kernels (a documented rule, from ``benchmarks/``): full products use torch's CSR kernel on
-    every device (faster than SciPy's at the widths the models use); row subsets on CPU use
-    SciPy's CSR row slicing and kernels (torch has no CSR row gather on CPU); on other devices
-    the full product is computed and the rows taken from it."""
+    Kernels (a documented rule): full products use torch's CSR kernel on every device, or SciPy's
+    on the CPU with ``MBREC_CPU_KERNEL=scipy`` (which is faster depends on the machine;
+    BENCHMARKS.md); row subsets on the CPU use SciPy's CSR row slices and kernels (torch has no
+    CSR row gather on the CPU); on other devices the full product is computed and the rows taken
+    from it."""
     if rows is None:
         return spmm(g, x)
     if not host_kernels(g.mat.device):
         return spmm(g, x)[rows]
     A_rows = scipy_view(g.mat)[rows.cpu().numpy()]
-    if x.requires_grad:
-        return _RowsSpMM.apply(x, A_rows)
-    return torch.from_numpy(np.ascontiguousarray(A_rows @ x.contiguous().numpy()))
+    return _RowsSpMM.apply(x, A_rows) if x.requires_grad else _host_mm(A_rows, x)
 
 
 def lightgcn_stack(

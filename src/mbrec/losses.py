@@ -126,6 +126,19 @@ def info_nce(
     """
     norm = (lambda x: F.normalize(x, dim=-1)) if normalize else (lambda x: x)
     q = norm(query)
+    if q.dim() == 2 and not symmetric and negatives in ("in_batch", "table"):
+        # the common large case: every row of a table (in-batch: the positives themselves) is a
+        # candidate; one fused product (table_logsumexp) instead of autograd through the logits
+        if negatives == "table":
+            if candidates is None or targets is None:
+                raise ValueError("info_nce(negatives='table') needs candidates and targets")
+            c = norm(candidates)
+            pos = (q * c[targets]).sum(-1) / tau
+        else:
+            c = norm(positive)
+            pos = (q * c).sum(-1) / tau
+        rows = table_logsumexp(q / tau, c) - pos
+        return _reduce(rows, reduction)
     if negatives == "in_batch":
         logits = (norm(positive) @ q.transpose(-1, -2)).transpose(-1, -2) / tau  # [..., n(query), n(positive)]
         pos = torch.diagonal(logits, dim1=-2, dim2=-1)
@@ -134,9 +147,6 @@ def info_nce(
             raise ValueError("info_nce(negatives='table') needs candidates and targets")
         c = norm(candidates)
         pos = (q * c[targets]).sum(-1) / tau
-        if q.dim() == 2 and not symmetric:  # the large case: one fused product, see table_logsumexp
-            rows = table_logsumexp(q / tau, c) - pos
-            return rows if reduction == "none" else rows.mean(-1)
         logits = q @ c.transpose(-1, -2) / tau
     elif negatives == "query":
         sim = q @ q.transpose(-1, -2) / tau
@@ -150,6 +160,10 @@ def info_nce(
         if negatives != "in_batch" or reduction != "mean":
             raise ValueError("info_nce(symmetric=True) needs in-batch negatives and reduction='mean'")
         return 0.5 * (rows.mean(-1) + (torch.logsumexp(logits, -2) - pos).mean(-1))
+    return _reduce(rows, reduction)
+
+
+def _reduce(rows: torch.Tensor, reduction: str) -> torch.Tensor:
     if reduction == "none":
         return rows
     if reduction != "mean":

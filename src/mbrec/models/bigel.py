@@ -346,12 +346,7 @@ class BiGEL(Model):
         items; whole-table negatives read the full ``glob`` instead."""
         n, tau = self.n_users, self.config.tau
         if self.config.cpa_negatives == "in_batch":
-            # in-batch InfoNCE = table InfoNCE against the batch's own global rows, row k's positive
-            # at row k: the same logits, through losses.table_logsumexp's fused backward
-            return (info_nce(t_users, None, tau, negatives="table", candidates=g_users,
-                             targets=torch.arange(len(t_users), device=t_users.device))
-                    + info_nce(t_items, None, tau, negatives="table", candidates=g_items,
-                               targets=torch.arange(len(t_items), device=t_items.device)))
+            return info_nce(t_users, g_users, tau) + info_nce(t_items, g_items, tau)
         assert glob is not None
         return (info_nce(t_users, None, tau, negatives="table", candidates=glob[:n], targets=users)
                 + info_nce(t_items, None, tau, negatives="table", candidates=glob[n:], targets=items))
