@@ -95,6 +95,15 @@ class BenchReport:
     def ratio(self) -> float:
         return self.step_s / self.floor_step_s if self.products else float("nan")
 
+    def as_dict(self) -> dict[str, Any]:
+        """The report as plain values (``mbrec bench --json``)."""
+        return {"model": self.model, "dataset": self.dataset, "threads": self.threads, "device": self.device,
+                "clock": self.clock, "steps_per_epoch": self.steps_per_epoch, "floor_step_s": self.floor_step_s,
+                "step_s": self.step_s, "ratio": self.ratio, "floor_epoch_s": self.floor_step_s * self.steps_per_epoch,
+                "epoch_s": self.step_s * self.steps_per_epoch, "sample_s": self.sample_s, "peak_mb": self.peak_mb,
+                "products": [{"name": t.product.name, "forward_s": t.forward_s, "backward_s": t.backward_s,
+                              "kernel": t.kernel} for t in self.products]}
+
     def table(self) -> str:
         """The report as Markdown: the products, then one summary row."""
         lines = [f"{self.model} on {self.dataset}: {self.steps_per_epoch} steps per epoch, {self.threads} thread(s), "

@@ -239,14 +239,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     report = bench(cfg, steps=args.steps, repeats=args.repeats, clock=args.clock, pretrain=args.pretrain,
                    out=None if args.json else (lambda m: print(m, file=sys.stderr)))
     if args.json:
-        print(json.dumps({"model": report.model, "dataset": report.dataset, "threads": report.threads,
-                          "device": report.device, "clock": report.clock, "config": config, "steps_per_epoch": report.steps_per_epoch,
-                          "floor_step_s": report.floor_step_s, "step_s": report.step_s, "ratio": report.ratio,
-                          "floor_epoch_s": report.floor_step_s * report.steps_per_epoch,
-                          "epoch_s": report.step_s * report.steps_per_epoch, "sample_s": report.sample_s,
-                          "peak_mb": report.peak_mb,
-                          "products": [{"name": t.product.name, "forward_s": t.forward_s, "backward_s": t.backward_s,
-                                        "kernel": t.kernel} for t in report.products]}))
+        print(json.dumps({**report.as_dict(), "config": config}))
     else:
         print(f"config: {config or 'model defaults'}")
         print(report.table())
