@@ -20,6 +20,7 @@ import torch
 
 from mbrec.config import build_config
 from mbrec.data.registry import load_dataset
+from mbrec.optim import adam
 from mbrec.evaluate import evaluate
 from mbrec.rundir import build_model
 from mbrec.train import set_seed, train_step
@@ -38,7 +39,7 @@ def bench(model_name: str, name: str, steps: int, do_eval: bool) -> dict[str, fl
     graphs = model.build_graphs(data, device)
     sampler = model.make_sampler(data)
     setup_s = time.perf_counter() - t
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
+    opt = adam(model.parameters(), cfg.train.lr)
     it = sampler.epoch(np.random.default_rng(0))
     times, samp = [], []
     for i in range(steps + 1):

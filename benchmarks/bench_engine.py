@@ -18,6 +18,7 @@ import torch
 from mbrec.config import build_config
 from mbrec.data.registry import load_dataset
 from mbrec.evaluate import evaluate
+from mbrec.optim import adam
 from mbrec.rundir import build_model
 from mbrec.train import set_seed, train_epoch
 
@@ -32,7 +33,7 @@ def bench(name: str, repeats: int) -> dict[str, float]:
     model = build_model(cfg, data, device)
     graphs = model.build_graphs(data, device)
     sampler = model.make_sampler(data)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
+    opt = adam(model.parameters(), cfg.train.lr)
     rng = np.random.default_rng(0)
     epochs, evals = [], []
     for _ in range(repeats):

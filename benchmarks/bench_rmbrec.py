@@ -22,6 +22,7 @@ import torch
 
 from mbrec.config import build_config
 from mbrec.data.registry import load_dataset
+from mbrec.optim import adam
 from mbrec.rundir import build_model
 from mbrec.train import set_seed, train_epoch
 
@@ -46,7 +47,7 @@ def main() -> None:
     model = build_model(cfg, data, device)
     graphs = model.build_graphs(data, device)
     sampler = model.make_sampler(data)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    opt = adam(model.parameters(), cfg.train.lr, cfg.train.weight_decay)
     rng = np.random.default_rng(cfg.seed)
     walls, cpus, losses = [], [], []
     load0 = os.getloadavg()[0]

@@ -42,13 +42,27 @@ def test_propagate_without_gradient(graph) -> None:
 
 def test_table_logsumexp_matches_autograd_in_values_and_gradients() -> None:
     torch.manual_seed(0)
-    q = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
-    c = torch.randn(9, 4, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(table_logsumexp, (q, c))
-    w = torch.randn(6, dtype=torch.float64)
-    got = torch.autograd.grad((table_logsumexp(q, c) * w).sum(), (q, c))
-    want = torch.autograd.grad((torch.logsumexp(q @ c.T, 1) * w).sum(), (q, c))
-    assert all(torch.allclose(a, b) for a, b in zip(got, want))
+    for scale in (1.0, 60.0):  # 60: rows whose logits sit far below the shift bound (recomputed)
+        q = (scale * torch.randn(6, 4, dtype=torch.float64)).requires_grad_()
+        c = torch.randn(9, 4, dtype=torch.float64, requires_grad=True)
+        w = torch.randn(6, dtype=torch.float64)
+        out = table_logsumexp(q, c)
+        assert torch.allclose(out, torch.logsumexp(q @ c.T, 1))
+        got = torch.autograd.grad((out * w).sum(), (q, c))
+        want = torch.autograd.grad((torch.logsumexp(q @ c.T, 1) * w).sum(), (q, c))
+        assert all(torch.allclose(a, b) for a, b in zip(got, want))
+
+
+def test_table_logsumexp_far_below_bound_and_one_backward_only() -> None:
+    # row 0's logits are all about -200 while its bound is +200: exp underflows, the row is redone
+    q = torch.tensor([[-200.0, 0.0], [1.0, 0.0]], requires_grad=True)
+    c = torch.tensor([[1.0, 0.0], [1.0, 0.01], [-1.0, 0.0]])
+    out = table_logsumexp(q, c)
+    assert torch.allclose(out, torch.logsumexp(q @ c.T, 1)) and torch.isfinite(out).all()
+    loss = out.sum()
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="one backward per forward"):
+        loss.backward()
 
 
 def test_product_timings_are_positive(graph) -> None:

@@ -32,6 +32,7 @@ import scipy.sparse as sp
 import torch
 
 from mbrec.graph import SparseGraph
+from mbrec.optim import adam
 
 
 @dataclass
@@ -237,7 +238,7 @@ def bench(cfg: Any, *, steps: int = 10, repeats: int = 5, out: Callable[[str], N
         trainable, sampler, opt = model.pretraining(data, device)
     else:
         trainable, sampler = model, model.make_sampler(data)
-        opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        opt = adam(model.parameters(), cfg.train.lr, cfg.train.weight_decay)
     name = f"{cfg.model} (pretraining)" if pretrain else cfg.model
     report = BenchReport(name, data.name, torch.get_num_threads(), str(device),
                          steps_per_epoch(sampler, np.random.default_rng(cfg.seed)), clock=clock)

@@ -63,29 +63,82 @@ def bpr(
     return masked_mean(rows, mask, over=over)
 
 
+class _Workspace:
+    """Reusable flat float buffers for the ``[n, m]`` logits of :class:`_TableLogSumExp`.
+
+    A fresh buffer of a few hundred MB costs a page fault per 4 KiB on first touch (glibc serves
+    such sizes with ``mmap``), about as much time as the GEMM that fills it; reusing buffers
+    across steps avoids that. A buffer is taken in the forward and given back at the end of the
+    backward; one whose graph is dropped without a backward is simply freed."""
+
+    def __init__(self, keep: int = 8) -> None:
+        self.keep = keep
+        self.free: list[torch.Tensor] = []
+
+    def take(self, n: int, m: int, like: torch.Tensor) -> torch.Tensor:
+        fits = [k for k, b in enumerate(self.free)
+                if b.numel() >= n * m and b.dtype == like.dtype and b.device == like.device]
+        if fits:  # the smallest that fits (list.remove would compare tensors elementwise)
+            buf = self.free.pop(min(fits, key=lambda k: self.free[k].numel()))
+        else:
+            buf = torch.empty(n * m, dtype=like.dtype, device=like.device)
+        return buf[: n * m].view(n, m)
+
+    def give(self, view: torch.Tensor) -> None:
+        base = view._base if view._base is not None else view
+        self.free.append(base)
+        if len(self.free) > self.keep:
+            self.free.pop(min(range(len(self.free)), key=lambda k: self.free[k].numel()))
+
+
+_WORKSPACE = _Workspace()
+
+
+def _shifted_exp(q: torch.Tensor, c: torch.Tensor, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``out = exp(q c^T - top)`` and ``top [n, 1]``, in two passes over ``out``: the GEMM with the
+    shift folded in, then ``exp``. ``top_i = |q_i| max_j |c_j|`` bounds row i's logits
+    (Cauchy-Schwarz), so nothing overflows; a row whose largest logit lies so far below its bound
+    that every term underflows is recomputed with its true maximum (a third pass, rare)."""
+    top = (q.norm(dim=1) * c.norm(dim=1).max()).unsqueeze(1)
+    torch.addmm(-top, q, c.T, out=out).exp_()
+    total = out.sum(dim=1, keepdim=True)
+    bad = ~(total > 0) | ~torch.isfinite(total)
+    if bool(bad.any()):
+        rows = torch.nonzero(bad.squeeze(1)).squeeze(1)
+        logits = q[rows] @ c.T
+        top[rows] = logits.max(dim=1, keepdim=True).values
+        out[rows] = (logits - top[rows]).exp_()
+    return out, top
+
+
 class _TableLogSumExp(torch.autograd.Function):
     """``logsumexp(q c^T, dim=1)`` for a batch ``q [n, d]`` against a whole table ``c [m, d]``
-    (contrastive losses with every user or item as a negative), in one ``[n, m]`` buffer:
-    forward = one GEMM and three in-place passes; backward = one pass and two GEMMs
-    (``dq = P c``, ``dc = P^T q`` with ``P`` the row softmax times the incoming gradient).
-    Autograd through ``torch.logsumexp(q @ c.T)`` allocates and walks the ``[n, m]`` matrix
-    several times more; the values are the same."""
+    (contrastive losses with every user or item as a negative), in one ``[n, m]`` buffer reused
+    across steps (:class:`_Workspace`): forward = one GEMM (row shift folded in) and two passes
+    (``exp``, row sums); backward = one in-place pass and two GEMMs (``dq = P c``,
+    ``dc = P^T q`` with ``P`` the row softmax times the incoming gradient). Autograd through
+    ``torch.logsumexp(q @ c.T)`` allocates and walks the ``[n, m]`` matrix several times more;
+    the values agree up to float rounding. One backward per forward (no ``retain_graph``)."""
 
     @staticmethod
     def forward(ctx, q: torch.Tensor, c: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        e = q @ c.T
-        top = e.max(dim=1, keepdim=True).values
-        e.sub_(top).exp_()
+        e, top = _shifted_exp(q, c, _WORKSPACE.take(q.shape[0], c.shape[0], q))
         total = e.sum(dim=1, keepdim=True)
-        ctx.save_for_backward(q, c, e, total)
+        ctx.save_for_backward(q, c, total)
+        ctx.e = e
         return (total.log() + top).squeeze(1)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):  # type: ignore[override]
-        q, c, e, total = ctx.saved_tensors
-        p = e * (g.unsqueeze(1) / total)
+        q, c, total = ctx.saved_tensors
+        e = getattr(ctx, "e", None)
+        if e is None:
+            raise RuntimeError("table_logsumexp supports one backward per forward (no retain_graph)")
+        ctx.e = None
+        p = e.mul_(g.unsqueeze(1) / total)  # the softmax times g, in place
         gq = p @ c if ctx.needs_input_grad[0] else None
         gc = p.T @ q if ctx.needs_input_grad[1] else None
+        _WORKSPACE.give(e)
         return gq, gc
 
 

@@ -27,6 +27,7 @@ from mbrec.data.container import MultiBehaviorData
 from mbrec.errors import ConfigError, MbrecError, NonFiniteError
 from mbrec.evaluate import Metrics, check_protocol_fits, evaluate, has_valid, selection_value, task_behaviors
 from mbrec.models.base import Batch, Model, Sampler
+from mbrec.optim import adam, load_state
 from mbrec.rundir import (
     RunFolder,
     build_model,
@@ -176,7 +177,7 @@ class Trainer:
         self.model = build_model(cfg, self.data, self.device)
         self.graphs = self.model.build_graphs(self.data, self.device)
         self.sampler = self.model.make_sampler(self.data)
-        self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        self.opt = adam(self.model.parameters(), cfg.train.lr, cfg.train.weight_decay)
         self.rng = np.random.default_rng(cfg.seed)
         self.folder.write_config(cfg, self.data)
         if resume:
@@ -208,7 +209,7 @@ class Trainer:
     def _restore(self) -> None:
         ck = self.folder.load_last(self.device)
         self.model.load_state_dict(ck["model"])
-        self.opt.load_state_dict(ck["optimizer"])
+        load_state(self.opt, ck["optimizer"])
         self.rng.bit_generator.state = ck["numpy_rng"]
         torch.set_rng_state(ck["torch_rng"])
         self.state = TrainState(**ck["state"])
@@ -220,6 +221,9 @@ class Trainer:
         log.info(f"mbrec run: model {cfg.model}, data {data.summary()}")
         if data.description:
             log.info(f"data: {data.description}")
+        from mbrec.data.stats import cold_start_line
+
+        log.info(cold_start_line(data))
         log.info(cfg.protocol.describe())
         n_params = sum(p.numel() for p in self.model.parameters())
         log.info(f"{n_params:,} parameters, device {self.device}, seed {cfg.seed}, {torch.get_num_threads()} threads")

@@ -64,6 +64,7 @@ from mbrec.graph import SparseGraph, bipartite, lightgcn_stack, node_rows, norma
 from mbrec.losses import bpr, l2
 from mbrec.models.base import Model, ModelConfig, register
 from mbrec.options import option
+from mbrec.optim import adam
 from mbrec.sampling import InteractionSampler, RandomUserSampler
 
 
@@ -344,7 +345,7 @@ class MBCGCN(Model):
         ego = torch.cat([torch.randn(self.n_users, cfg.embedding_dim, device=device) * cfg.init_std,
                          torch.randn(self.n_items, cfg.embedding_dim, device=device) * cfg.init_std])
         net = _PRETRAIN_NETS[cfg.pretrain_model](ego, cfg.pretrain_layers, cfg.init_std)
-        opt = torch.optim.Adam(net.parameters(), lr=cfg.pretrain_lr)
+        opt = adam(net.parameters(), cfg.pretrain_lr)
         return _PretrainObjective(net, self.n_users, cfg.reg_weight), sampler, opt
 
     def on_train_start(
