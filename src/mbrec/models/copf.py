@@ -180,10 +180,11 @@ class COPF(Model):
         self, graphs: Mapping[str, list[SparseGraph]], e: list[torch.Tensor], tasks: list[int] | None = None,
         rows: Mapping[int, torch.Tensor] | None = None,
     ) -> dict[tuple[int, int], torch.Tensor]:
-        """``O^{k<-j}`` over all nodes for each task k (default: all) and other behavior j
-        (``[U+I, d]``). The K-1 experts of one task share task k's graph: one product per layer on
-        ``[N, (K-1) d]``. With ``rows[k]`` (the nodes task k's loss reads), the last layer is
-        computed for those rows only and the other rows are left at zero (never read)."""
+        """``O^{k<-j}`` for each task k (default: all) and other behavior j. The K-1 experts of one
+        task share task k's graph: one product per layer on ``[N, (K-1) d]``. Without ``rows``
+        each expert is ``[U+I, d]`` (all nodes). With ``rows[k]`` (the sorted nodes task k's loss
+        reads) the last layer is computed at those rows only and task k's experts are the
+        compact ``[len(rows[k]), d]`` rows (gather them with :meth:`_row_map`)."""
         c, K, d = self.config, self.K, self.config.embedding_dim
         out: dict[tuple[int, int], torch.Tensor] = {}
         for k in range(K) if tasks is None else tasks:
@@ -196,14 +197,23 @@ class COPF(Model):
                 if layer > 0:
                     r = r @ self.mtl_w[layer - 1]
                 if S is not None and layer == L - 1:  # only the rows the loss reads
-                    last = propagate(graphs["own"][k], f * r.repeat(len(others)), S) + f[S]
-                    total = torch.zeros_like(f).index_copy(0, S, total[S] + last)
+                    f_S = f[S]
+                    total = (f_S if total is f else total[S]) + propagate(graphs["own"][k], f * r.repeat(len(others)), S) + f_S
                     break
                 f = propagate(graphs["own"][k], f * r.repeat(len(others))) + f
                 total = total + f
+            else:
+                if S is not None:
+                    total = total[S]
             for n, j in enumerate(others):
                 out[(k, j)] = c.fit_scale * total[:, n * d : (n + 1) * d]
         return out
+
+    def _row_map(self, rows: torch.Tensor) -> torch.Tensor:
+        """``where[node]`` = the node's position in the sorted ``rows`` (-1 elsewhere)."""
+        where = torch.full((self.n_users + self.n_items,), -1, dtype=torch.long, device=rows.device)
+        where[rows] = torch.arange(len(rows), device=rows.device)
+        return where
 
     def forward(self, graphs: Mapping[str, list[SparseGraph]], tasks: list[int] | None = None,  # type: ignore[override]
                 rows: Mapping[int, torch.Tensor] | None = None) -> dict[str, Any]:
@@ -228,14 +238,23 @@ class COPF(Model):
             ex.append(x)
         return ex
 
-    def _pair_scores(self, emb: dict[str, Any], k: int, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+    def _pair_scores(self, emb: dict[str, Any], k: int, users: torch.Tensor, items: torch.Tensor,
+                     where: torch.Tensor | None = None) -> torch.Tensor:
+        """Scores of aligned (user, item) pairs for task k. ``where`` (:meth:`_row_map`) locates
+        the nodes in task k's compact fitting experts (training); the own expert's rows are the
+        gate's inputs, gathered once."""
         U = self.n_users
         if self.spec["head"] != "dfme":
             e = emb["e"][-1 if self.spec["head"] == "shared" else k]
             return self.head.tower_scale * (e[users] * self.bilinear[k] * e[U + items]).sum(-1)
-        ex = self._experts(emb, k, train=True)
         e = emb["e"][k]
-        return self.head.pairs(k, e[users], e[U + items], [(x[users], x[U + items]) for x in ex])
+        eu, ev = e[users], e[U + items]
+        at_u, at_i = (users, U + items) if where is None else (where[users], where[U + items])
+        pairs = [(eu, ev)]
+        for x in self._experts(emb, k, train=True)[1:]:
+            full = x.shape[0] == U + self.n_items  # a behavior output, or experts of all nodes
+            pairs.append((x[users], x[U + items]) if full else (x[at_u], x[at_i]))
+        return self.head.pairs(k, eu, ev, pairs)
 
     def embed(self, graphs: Any, behaviors: tuple[str, ...] | None = None) -> dict[str, Any]:
         """Evaluation: the fitting experts of the evaluated behaviors' tasks only."""
@@ -272,7 +291,7 @@ class COPF(Model):
             if self.lam[k] == 0.0:
                 continue  # zero weight: no gradient (the code computes it and multiplies by 0)
             u, p, n = batch[f"users_{k}"], batch[f"pos_{k}"], batch[f"neg_{k}"]
-            s = self._pair_scores(emb, k, torch.cat([u, u]), torch.cat([p, n]))
+            s = self._pair_scores(emb, k, torch.cat([u, u]), torch.cat([p, n]), self._row_map(rows[k]))
             term = 3.0 * self.lam[k] * bpr(*s.tensor_split(2))  # s = [positive scores; negative scores]
             out[f"bpr_{b}"] = term.detach()
             bpr_total = bpr_total + term
