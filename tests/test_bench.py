@@ -113,3 +113,19 @@ def test_scipy_full_kernel_equals_torch_kernel(graph, monkeypatch) -> None:
     got = spmm(graph, x)
     (g_got,) = torch.autograd.grad((got * w).sum(), x)
     assert torch.allclose(got, want, atol=1e-5) and torch.allclose(g_got, g_want, atol=1e-5)
+
+
+def test_auto_kernel_chooses_once_per_matrix_and_width_and_kernels_agree_bitwise(graph, monkeypatch) -> None:
+    import mbrec.graph as G
+
+    monkeypatch.setattr(G, "CPU_FULL_KERNEL", "auto")
+    x = torch.randn(40, 6)
+    first = G.full_kernel(graph.mat, x)
+    assert first in ("torch", "scipy") and G.full_kernel(graph.mat, x) == first
+    mine = [c for c in G.kernel_choices() if c["shape"] == tuple(graph.mat.shape) and c["width"] == 6]
+    assert len(mine) == 1 and set(mine[0]["seconds"]) == {"torch", "scipy"}
+    # both kernels sum each row in CSR order: the choice can never change a result
+    assert torch.equal(torch.sparse.mm(graph.mat, x), G._host_mm(graph.mat, x))
+    monkeypatch.setattr(G, "CPU_FULL_KERNEL", "cuda-only")
+    with pytest.raises(ValueError, match="MBREC_CPU_KERNEL"):
+        G.full_kernel(graph.mat, x)

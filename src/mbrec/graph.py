@@ -10,9 +10,11 @@ Node layout of a bipartite graph: users ``0..U-1`` then items ``U..U+I-1``.
 from __future__ import annotations
 
 import os
+import time
 import warnings
 import weakref
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import numpy as np
 import scipy.sparse as sp
@@ -107,27 +109,17 @@ def to_device(m: sp.spmatrix, device: torch.device | str = "cpu", *, symmetric: 
 
 
 class _SpMM(torch.autograd.Function):
+    """``A @ x`` with gradient ``A^T @ g`` from the precomputed transpose; each product on the
+    kernel :func:`full_kernel` picks for its matrix."""
+
     @staticmethod
     def forward(ctx, mat: torch.Tensor, mat_t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         ctx.mat_t = mat_t
-        return torch.sparse.mm(mat, x)
+        return _full_product(mat, x)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        return None, None, torch.sparse.mm(ctx.mat_t, grad.contiguous())
-
-
-class _HostSpMM(torch.autograd.Function):
-    """``A @ x`` with SciPy's CSR kernel on cached views of ``A`` and ``A^T`` (CPU)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, mat: torch.Tensor, mat_t: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        ctx.mat_t = mat_t
-        return _host_mm(mat, x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        return _host_mm(ctx.mat_t, grad), None, None
+        return None, None, _full_product(ctx.mat_t, grad.contiguous())
 
 
 def _host_mm(mat: torch.Tensor | sp.csr_matrix, x: torch.Tensor) -> torch.Tensor:
@@ -136,18 +128,73 @@ def _host_mm(mat: torch.Tensor | sp.csr_matrix, x: torch.Tensor) -> torch.Tensor
     return torch.from_numpy(np.ascontiguousarray(A @ x.detach().contiguous().numpy()))
 
 
-#: the CPU kernel of full products: ``torch`` (default) or ``scipy`` (``MBREC_CPU_KERNEL``); the
-#: faster one depends on the machine and its load (BENCHMARKS.md, "Kernel floors")
-CPU_FULL_KERNEL = os.environ.get("MBREC_CPU_KERNEL", "torch")
+#: kernels of full products on the CPU: ``torch`` (its CSR kernel), ``scipy`` (SciPy's, on cached
+#: int32 views) or ``auto`` (default: per matrix and width, whichever of the two measured faster
+#: on its first product; see :func:`full_kernel`). Set with ``MBREC_CPU_KERNEL``.
+CPU_KERNELS = ("auto", "torch", "scipy")
+CPU_FULL_KERNEL = os.environ.get("MBREC_CPU_KERNEL", "auto")
+#: timed runs of each kernel per matrix and width before ``auto`` chooses
+AUTO_TRIALS = 2
+#: (id(matrix), width) -> (weak reference to the matrix, chosen kernel, {kernel: best seconds})
+_CHOICES: dict[tuple[int, int], tuple["weakref.ref[torch.Tensor]", str, dict[str, float]]] = {}
+_KERNELS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "torch": lambda mat, x: torch.sparse.mm(mat, x),
+    "scipy": lambda mat, x: _host_mm(mat, x),
+}
+
+
+def full_kernel(mat: torch.Tensor, x: torch.Tensor) -> str:
+    """The kernel of the full product ``mat @ x`` (a documented rule, made in one place):
+
+    * off the CPU: always ``torch`` (SciPy never serves accelerator tensors);
+    * ``MBREC_CPU_KERNEL=torch|scipy``: that one;
+    * ``auto`` (default): the first product of each matrix at each width times both kernels
+      ``AUTO_TRIALS`` times, alternating, on that product's own operand, and keeps the faster
+      for the matrix's lifetime. Both kernels sum each row's terms in CSR order, so the choice
+      never changes a result (``tests/test_bench.py`` checks the two are bit-identical); which
+      one is faster depends on the machine, the graph and the width (``BENCHMARKS.md``)."""
+    if not host_kernels(mat.device):
+        return "torch"
+    if CPU_FULL_KERNEL not in CPU_KERNELS:
+        raise ValueError(f"MBREC_CPU_KERNEL={CPU_FULL_KERNEL!r}; use one of {', '.join(CPU_KERNELS)}")
+    if CPU_FULL_KERNEL != "auto":
+        return CPU_FULL_KERNEL
+    key = (id(mat), int(x.shape[1]))
+    entry = _CHOICES.get(key)
+    if entry is not None and entry[0]() is mat:
+        return entry[1]
+    best = {k: float("inf") for k in _KERNELS}
+    with torch.no_grad():
+        for _ in range(AUTO_TRIALS):
+            for name, fn in _KERNELS.items():
+                t0 = time.perf_counter()
+                fn(mat, x)
+                best[name] = min(best[name], time.perf_counter() - t0)
+    choice = min(best, key=best.__getitem__)
+    _CHOICES[key] = (weakref.ref(mat, lambda _r, k=key: _CHOICES.pop(k, None)), choice, best)
+    return choice
+
+
+def kernel_choices() -> list[dict[str, Any]]:
+    """The ``auto`` choices made so far in this process (shape, nnz, width, kernel, timings)."""
+    out = []
+    for (_, width), (ref, choice, best) in _CHOICES.items():
+        mat = ref()
+        if mat is not None:
+            out.append({"shape": tuple(mat.shape), "nnz": int(mat.values().numel()), "width": width,
+                        "kernel": choice, "seconds": dict(best)})
+    return out
+
+
+def _full_product(mat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return _KERNELS[full_kernel(mat, x)](mat, x)
 
 
 def spmm(g: SparseGraph, x: torch.Tensor) -> torch.Tensor:
     """``g.mat @ x`` with gradient for ``x`` only (the graph is data, not a parameter)."""
-    if CPU_FULL_KERNEL == "scipy" and host_kernels(g.mat.device):
-        return _HostSpMM.apply(x, g.mat, g.mat_t) if x.requires_grad else _host_mm(g.mat, x)
     if x.requires_grad:
         return _SpMM.apply(g.mat, g.mat_t, x)
-    return torch.sparse.mm(g.mat, x)
+    return _full_product(g.mat, x)
 
 
 class _RowsSpMM(torch.autograd.Function):
@@ -194,9 +241,8 @@ def propagate(g: SparseGraph, x: torch.Tensor, rows: torch.Tensor | None = None)
     """One propagation step ``A @ x``, or ``A[rows] @ x`` (``[len(rows), d]``) when the caller
     reads only those output rows: the single sparse layer every model uses.
 
-    Kernels (a documented rule): full products use torch's CSR kernel on every device, or SciPy's
-    on the CPU with ``MBREC_CPU_KERNEL=scipy`` (which is faster depends on the machine;
-    BENCHMARKS.md); row subsets on the CPU use SciPy's CSR row slices and kernels (torch has no
+    Kernels (a documented rule): full products as :func:`full_kernel` decides (torch's CSR
+    kernel off the CPU; on the CPU the faster of torch's and SciPy's, measured per matrix); row subsets on the CPU use SciPy's CSR row slices and kernels (torch has no
     CSR row gather on the CPU); on other devices the full product is computed and the rows taken
     from it."""
     if rows is None:
