@@ -69,9 +69,12 @@ def test_bad_split_value(tmp_path: Path) -> None:
 
 
 def test_heldout_for_unknown_user(tmp_path: Path) -> None:
+    """Kept by default (tests/test_data_heldout.py); an error only with heldout_unseen: error."""
     csv = "user,item,behavior,split\n1,2,buy,train\n9,2,buy,test\n"
-    e = err(make(tmp_path, {"interactions.csv": csv, "dataset.yaml": "behaviors: [buy]\n"}))
-    assert e.line == 3 and e.value == "9" and "unknown user" in str(e)
+    d = make(tmp_path, {"interactions.csv": csv, "dataset.yaml": "behaviors: [buy]\n"})
+    assert load_dataset(d).test["buy"].nnz == 1
+    e = err(d, heldout_unseen="error")
+    assert e.line == 3 and e.value == "9" and "user with no training row" in str(e)
 
 
 def test_empty_target(tmp_path: Path) -> None:

@@ -238,3 +238,53 @@ def test_generic_empty_id_and_dates(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="empty user id") as e:
         load_dataset(bad)
     assert e.value.line == 3
+
+
+# ----------------------------------------------------------------------------- streaming
+@pytest.mark.parametrize("fmt", ["csv-pyarrow", "csv-pandas", "parquet"])
+def test_generic_streams_in_small_batches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fmt: str) -> None:
+    """Tiny batches (3 rows, 64-byte CSV blocks) give the same container as one batch, and an
+    error in a later batch names its own line."""
+    from mbrec.data.formats import generic, table
+
+    rng = np.random.default_rng(0)
+    rows = [f"u{rng.integers(9)},i{rng.integers(12)},{['view', 'buy'][rng.integers(2)]},"
+            f"{['train', 'train', 'valid', 'test'][rng.integers(4)]},{k}" for k in range(60)]
+    rows += ["u0,i0,buy,train,100"]
+    csv = "user,item,behavior,split,timestamp\n" + "\n".join(rows) + "\n"
+    d = generic_dir(tmp_path, csv, "behaviors: [view, buy]\n")
+    if fmt == "parquet":
+        pytest.importorskip("pyarrow")
+        import pandas as pd
+
+        pd.read_csv(d / "interactions.csv", dtype=str).to_parquet(d / "interactions.parquet")
+        (d / "interactions.csv").unlink()
+    if fmt == "csv-pandas":
+        monkeypatch.setattr(generic, "USE_PYARROW_CSV", False)
+    whole = load_dataset(d)
+    monkeypatch.setattr(table, "BATCH_ROWS", 3)
+    monkeypatch.setattr(table, "CSV_BLOCK", 64)
+    parts = load_dataset(d)
+    assert list(parts.user_ids) == list(whole.user_ids) and list(parts.item_ids) == list(whole.item_ids)
+    for s in ("train", "valid", "test"):
+        for b in whole.behaviors:
+            assert pairs(parts.split(s)[b]) == pairs(whole.split(s)[b])
+    if fmt != "parquet":
+        write(d / "interactions.csv", csv.replace("u0,i0,buy,train,100", "u0,i0,buy,tset,100"))
+        with pytest.raises(DataError) as e:
+            load_dataset(d)
+        assert e.value.line == 62 and e.value.value == "tset"
+
+
+def test_progress_bar_on_a_terminal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    from mbrec.data.formats import table
+
+    csv = "user,item,behavior\n1,a,buy\n1,b,view\n2,a,buy\n"
+    d = generic_dir(tmp_path, csv, "behaviors: [view, buy]\n")
+    load_dataset(d)
+    assert "reading interactions.csv" not in capsys.readouterr().err  # not a terminal
+    monkeypatch.setattr(table, "PROGRESS_BYTES", 0)
+    monkeypatch.setattr(table.sys.stderr, "isatty", lambda: True, raising=False)
+    load_dataset(d)
+    assert "reading interactions.csv" in capsys.readouterr().err

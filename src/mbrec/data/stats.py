@@ -9,6 +9,10 @@ and behavior-combination patterns over user-item pairs (COPF Fig. 6).
 * Patterns: each user-item pair that occurs under any behavior gets a bit string over the
   behaviors in order (``101`` = view and buy, no cart). ``train`` uses the training matrices,
   ``all`` the union of all splits.
+* Held-out cold start (``heldout``), per split and behavior: held-out rows and users, and how
+  many of them are cold: the user has no training row of the target (``cold_target``) or of any
+  behavior (``cold_any``), or the item has no training row of any behavior (``new_item``).
+  :func:`cold_start_line` sums it up in one line (the training log prints it).
 """
 
 from __future__ import annotations
@@ -56,6 +60,66 @@ def _alignment(target: sp.csr_matrix, aux: dict[str, sp.csr_matrix]) -> tuple[di
     return bar, dt
 
 
+def _has_rows(m: sp.csr_matrix) -> np.ndarray:
+    return np.diff(m.indptr) > 0
+
+
+def heldout_stats(data: MultiBehaviorData) -> dict[str, dict[str, dict[str, int]]]:
+    """``{split: {behavior: counts}}`` for valid and test, behaviors with held-out rows only.
+
+    Counts: ``rows``, ``users``; ``cold_target_rows``/``_users`` (user without a training row of
+    the target), ``cold_any_rows``/``_users`` (user without any training row), ``new_item_rows``
+    and ``new_items`` (item without any training row).
+    """
+    union = data.train_union()
+    warm_t = _has_rows(data.train[data.target])
+    warm_any = _has_rows(union)
+    item_warm = np.bincount(union.indices, minlength=data.n_items) > 0
+    out: dict[str, dict[str, dict[str, int]]] = {}
+    for split in ("valid", "test"):
+        per: dict[str, dict[str, int]] = {}
+        for b in data.behaviors:
+            m = data.split(split)[b]
+            if m.nnz == 0:
+                continue
+            n_rows = np.diff(m.indptr)
+            users = n_rows > 0
+            new = ~item_warm[m.indices]
+            per[b] = {
+                "rows": int(m.nnz), "users": int(users.sum()),
+                "cold_target_rows": int(n_rows[~warm_t].sum()),
+                "cold_target_users": int((users & ~warm_t).sum()),
+                "cold_any_rows": int(n_rows[~warm_any].sum()),
+                "cold_any_users": int((users & ~warm_any).sum()),
+                "new_item_rows": int(new.sum()),
+                "new_items": len(np.unique(m.indices[new])),
+            }
+        out[split] = per
+    return out
+
+
+def cold_start_line(data: MultiBehaviorData) -> str:
+    """One line on the target's held-out users and items that have no training rows."""
+    t = data.target
+    held = heldout_stats(data)
+    parts = []
+    for split, per in held.items():
+        c = per.get(t)
+        if c is None:
+            continue
+        parts.append(
+            f"{split} {c['cold_target_rows']:,} of {c['rows']:,} rows ({c['cold_target_users']:,} of "
+            f"{c['users']:,} users) have no training {t!r} row, {c['cold_any_rows']:,} rows "
+            f"({c['cold_any_users']:,} users) no training row at all; {c['new_item_rows']:,} rows name "
+            f"an item with no training row ({c['new_items']:,} items)"
+        )
+    if not parts:
+        return f"held-out cold start: no held-out {t!r} rows"
+    return "held-out cold start: " + "; ".join(parts) + (
+        " (cold users are scored like everyone, with nothing to mask)"
+        if any(c.get(t, {}).get("cold_any_users") for c in held.values()) else "")
+
+
 def compute_stats(data: MultiBehaviorData) -> dict[str, Any]:
     """All diagnostics as a JSON-ready dict (see the module docstring)."""
     cells = data.n_users * data.n_items
@@ -82,6 +146,7 @@ def compute_stats(data: MultiBehaviorData) -> dict[str, Any]:
             "train": _patterns([data.train[b] for b in data.behaviors]),
             "all": _patterns([_union_splits(data, b) for b in data.behaviors]),
         },
+        "heldout": heldout_stats(data),
         "description": data.description,
     }
 
@@ -113,6 +178,32 @@ def format_stats(stats: dict[str, Any]) -> str:
         lines.append(
             f"{p:<10}{pt.get(p, 0):>14,}{pt.get(p, 0) / nt:>8.2%}{pa.get(p, 0):>14,}{pa.get(p, 0) / na:>8.2%}"
         )
+    lines += _format_heldout(stats)
     if stats.get("description"):
         lines += ["", "notes: " + stats["description"]]
     return "\n".join(lines)
+
+
+def _format_heldout(stats: dict[str, Any]) -> list[str]:
+    """The held-out cold-start table of :func:`format_stats`."""
+    held = stats.get("heldout") or {}
+    if not any(held.values()):
+        return []
+    t = stats["target"]
+    title = (f"held-out rows and cold start (cold: the user has no training {t!r} row / no training "
+             "row at all; new: the item has no training row)")
+    header = (f"{'split':<7}{'behavior':<12}{'rows':>10}{'users':>9}{'cold rows':>11}{'users':>8}"
+              f"{'no-train rows':>15}{'users':>8}{'new-item rows':>15}{'items':>8}")
+    lines = ["", title, header]
+    for split, per in held.items():
+        for b, c in per.items():
+            lines.append(
+                f"{split:<7}{b:<12}{c['rows']:>10,}{c['users']:>9,}{c['cold_target_rows']:>11,}"
+                f"{c['cold_target_users']:>8,}{c['cold_any_rows']:>15,}{c['cold_any_users']:>8,}"
+                f"{c['new_item_rows']:>15,}{c['new_items']:>8,}"
+            )
+    aux = sorted({b for per in held.values() for b in per if b != t})
+    if aux:
+        lines.append(f"held-out rows of {', '.join(aux)} are evaluated only by protocols with tasks=all "
+                     "(mmr); they are never training pairs")
+    return lines

@@ -7,12 +7,19 @@ Columns: ``user``, ``item``, ``behavior`` (required), ``timestamp``, ``split`` (
 * ``name``, ``description`` (optional);
 * ``n_users`` / ``n_items`` (optional): must equal the number of distinct ids;
 * ``users`` / ``items`` (optional): files with one id per line giving the id universe in index
-  order (written by ``mbrec convert``, so users/items without interactions survive a round trip).
+  order (written by ``mbrec convert``, so users/items without interactions survive a round trip);
+* ``heldout_unseen`` (optional, also a loader option): what to do with a held-out row whose
+  user or item has no training row of any behavior: ``keep`` (default), ``drop`` or ``error``.
 
-Without a ``split`` column the target gets a per-user leave-one-out split (latest by timestamp,
-else seeded random; see :func:`mbrec.data.split.leave_one_out`). Duplicate (user, item,
-behavior, split) rows collapse to the earliest. Index order without ``users``/``items`` files:
-sorted ids (numerically when all ids are integers).
+The id universe is every id in the file, all splits (or the ``users``/``items`` files).
+Held-out rows of every behavior load as that behavior's ``valid``/``test`` matrices, never as
+training pairs. Without a ``split`` column the target gets a per-user leave-one-out split
+(latest by timestamp, else seeded random; see :func:`mbrec.data.split.leave_one_out`). Duplicate
+(user, item, behavior, split) rows collapse to the earliest. Index order without
+``users``/``items`` files: sorted ids (numerically when all ids are integers).
+
+The table is streamed in bounded memory (:mod:`mbrec.data.formats.table`): integer codes per
+row, one Python string per distinct value.
 """
 
 from __future__ import annotations
@@ -26,30 +33,61 @@ import pandas as pd
 import yaml
 
 from mbrec.data.container import MultiBehaviorData, pairs_to_csr
-from mbrec.data.io import check_options, nth_data_line, suggest
+from mbrec.data.formats.table import EncodedTable, TableReader
+from mbrec.data.io import check_options, suggest
 from mbrec.data.split import leave_one_out
 from mbrec.errors import DataError
 
 FILES = ("interactions.csv", "interactions.tsv", "interactions.parquet")
 REQUIRED = ("user", "item", "behavior")
 OPTIONAL = ("timestamp", "split")
-YAML_KEYS = ("behaviors", "target", "name", "description", "n_users", "n_items", "users", "items")
-OPTIONS: tuple[str, ...] = ()
+YAML_KEYS = ("behaviors", "target", "name", "description", "n_users", "n_items", "users", "items",
+             "heldout_unseen")
+OPTIONS: tuple[str, ...] = ("heldout_unseen",)
 SPLITS = ("train", "valid", "test")
+HELDOUT_UNSEEN = ("keep", "drop", "error")
+#: ids longer than this are refused (most likely a broken quote swallowing the file; the id
+#: arrays are fixed-width, so one huge id would cost memory for every id)
+MAX_ID_CHARS = 1000
 #: read CSV/TSV with pyarrow when it is installed (about 3x faster than pandas' C reader)
 USE_PYARROW_CSV = True
 
 
 def matches(files: set[str]) -> bool:
-    return any(f in files for f in FILES)
+    """An interaction table, or a ``dataset.yaml`` that no other layout's files explain (so a
+    missing or misplaced table gets the generic format's own error)."""
+    if any(f in files for f in FILES):
+        return True
+    if "dataset.yaml" not in files:
+        return False
+    from mbrec.data.formats import crgcn_text, pickles, split_files
+
+    return not any(m.matches(files) for m in (pickles, split_files, crgcn_text))
+
+
+# ----------------------------------------------------------------------------- dataset.yaml
+def _read_text(path: Path, what: str) -> str:
+    """A small text file as UTF-8 (every failure a DataError naming the file)."""
+    if path.is_dir():
+        raise DataError("is a folder, not a file", path=path)
+    if not path.exists():
+        raise DataError(f"{what} is missing", path=path)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"cannot read the file ({e.strerror or e})", path=path) from None
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise DataError(f"not UTF-8 text (byte 0x{raw[e.start:e.start + 1].hex()}); save it as UTF-8",
+                        path=path, line=line) from None
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise DataError("dataset.yaml is missing (it must list the behaviors, upstream first)",
-                        path=path)
+    text = _read_text(path, "dataset.yaml (it must list the behaviors, upstream first)")
     try:
-        meta = yaml.safe_load(path.read_text(encoding="utf-8"))
+        meta = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         raise DataError(f"invalid YAML ({getattr(e, 'problem', e)})", path=path,
@@ -66,184 +104,20 @@ def _read_yaml(path: Path) -> dict[str, Any]:
                         value=bs)
     meta["behaviors"] = [str(b) for b in bs]
     if len(set(meta["behaviors"])) != len(bs):
-        raise DataError("'behaviors' lists a name twice", path=path, value=bs)
+        twice = next(b for b in meta["behaviors"] if meta["behaviors"].count(b) > 1)
+        raise DataError(f"'behaviors' lists {twice!r} twice", path=path, value=bs)
     return meta
 
 
-class _Table:
-    """Columns of the interaction table as strings, read with pyarrow when installed (fast,
-    multi-threaded) else pandas' C reader. Ids are factorized once; work on distinct values only."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._arrow = None
-        self._df: pd.DataFrame | None = None
-        try:
-            import pyarrow as pa
-            import pyarrow.csv as pacsv
-        except ImportError:
-            pa = None
-        if path.suffix == ".parquet":
-            if pa is None:
-                raise DataError("reading .parquet needs pyarrow: pip install 'mbrec[parquet]'",
-                                path=path)
-            import pyarrow.parquet as pq
-
-            try:
-                self._arrow = pq.read_table(path)
-            except Exception as e:  # noqa: BLE001
-                raise DataError(f"unreadable parquet file ({e})", path=path) from None
-        elif pa is not None and USE_PYARROW_CSV:
-            try:
-                with open(path, encoding="utf-8", errors="replace") as fh:
-                    first = fh.readline().rstrip("\r\n")
-                names = [c.strip().strip('"') for c in first.split(self._sep)]
-                self._arrow = pacsv.read_csv(
-                    path,
-                    parse_options=pacsv.ParseOptions(delimiter=self._sep),
-                    convert_options=pacsv.ConvertOptions(
-                        column_types={c: pa.string() for c in names}, strings_can_be_null=False,
-                        quoted_strings_can_be_null=False,
-                    ),
-                )
-            except pa.ArrowInvalid as e:
-                msg = str(e)
-                if "Empty CSV file" in msg:
-                    raise DataError("empty file (expected a header line user,item,behavior,...)",
-                                    path=path) from None
-                raise DataError(f"malformed table ({msg.splitlines()[0]})", path=path) from None
-        else:
-            try:
-                self._df = pd.read_csv(path, sep=self._sep, dtype=str, keep_default_na=False)
-            except pd.errors.EmptyDataError:
-                raise DataError("empty file (expected a header line user,item,behavior,...)",
-                                path=path) from None
-            except pd.errors.ParserError as e:
-                raise DataError(f"malformed table ({e})", path=path) from None
-
-    @property
-    def _sep(self) -> str:
-        return "\t" if self.path.suffix == ".tsv" else ","
-
-    @property
-    def columns(self) -> list[str]:
-        if self._arrow is not None:
-            return [str(c) for c in self._arrow.column_names]
-        assert self._df is not None
-        return [str(c) for c in self._df.columns]
-
-    def __len__(self) -> int:
-        return self._arrow.num_rows if self._arrow is not None else len(self._df)  # type: ignore[arg-type]
-
-    def series(self, col: str) -> pd.Series:
-        if self._arrow is not None:
-            return self._arrow.column(col).to_pandas()
-        assert self._df is not None
-        return self._df[col]
-
-    def codes(self, col: str) -> tuple[np.ndarray, np.ndarray]:
-        """(code of each row, distinct values stripped of surrounding blanks, as str)."""
-        if self._arrow is not None:
-            import pyarrow as pa
-            import pyarrow.compute as pc
-
-            arr = self._arrow.column(col)
-            if not pa.types.is_string(arr.type) and not pa.types.is_large_string(arr.type):
-                arr = pc.cast(arr, pa.string())
-            enc = arr.combine_chunks().dictionary_encode() if arr.num_chunks != 1 else arr.chunk(0).dictionary_encode()
-            codes = enc.indices.to_numpy(zero_copy_only=False).astype(np.int64)
-            uniq = enc.dictionary.to_pylist()
-        else:
-            codes, uniq = pd.factorize(self.series(col).astype(str))
-        stripped = np.asarray(["" if v is None else str(v).strip() for v in uniq], dtype=object)
-        c2, u2 = pd.factorize(stripped)
-        return c2[codes], np.asarray(u2, dtype=object).astype(str)
-
-
-def _line(path: Path, offset: int, row: int) -> int:
-    if path.suffix == ".parquet":
-        return row + 1
-    return nth_data_line(path, row + 1)
-
-
-def _check_columns(cols: list[str], path: Path) -> None:
-    known = REQUIRED + OPTIONAL
-    if len(cols) == 1 and any(d in cols[0] for d in ("\t", ";", ",", "|")):
-        found = next(d for d in ("\t", ";", ",", "|") if d in cols[0])
-        want = "a tab" if path.suffix == ".tsv" else "a comma"
-        fix = {"\t": "rename it to interactions.tsv", ",": "rename it to interactions.csv"}.get(
-            found, f"replace {found!r} by {'tabs' if path.suffix == '.tsv' else 'commas'}")
-        raise DataError(f"the header is one column {cols[0]!r}: this file is separated by {found!r}, but "
-                        f"{path.name} must be separated by {want}: {fix}", path=path, line=1)
-    for c in REQUIRED:
-        if c not in cols:
-            close = difflib.get_close_matches(c, [x for x in cols if x not in known], n=1, cutoff=0.6)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise DataError(f"missing column {c!r}{hint}; found columns {cols}", path=path, line=1)
-    for c in cols:
-        if c not in known:
-            close = difflib.get_close_matches(c, list(known), n=1, cutoff=0.75)
-            if close:
-                raise DataError(f"unknown column {c!r} (did you mean {close[0]!r}?)", path=path,
-                                line=1, value=c)
-
-
-def _index(found: np.ndarray, universe: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    """(index into the universe of each distinct value, -1 if absent; ids in index order)."""
-    if universe is None:
-        s = pd.Series(found, dtype=object)
-        if len(s) and s.str.fullmatch(r"-?\d{1,18}").all():
-            universe = found[np.argsort(s.astype(np.int64).to_numpy(), kind="stable")]
-        else:
-            universe = np.sort(found)
-    return pd.Index(universe).get_indexer(found), np.asarray(universe).astype(str)
-
-
-def _read_ids(dir_: Path, fname: Any, yaml_path: Path) -> np.ndarray:
-    p = dir_ / str(fname)
-    if not p.is_file():
-        raise DataError(f"id file {fname!r} named in dataset.yaml not found", path=yaml_path)
-    ids = np.array([ln.strip() for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()])
-    if len(ids) == 0:
-        raise DataError("empty id file", path=p)
-    uniq, counts = np.unique(ids, return_counts=True)
-    if (counts > 1).any():
-        raise DataError("duplicate id", path=p, value=str(uniq[counts > 1][0]))
-    return ids
-
-
-def load(path: Path, *, name: str, seed: int = 0, **options: Any) -> MultiBehaviorData:
-    check_options(options, OPTIONS, "the generic format")
-    present = [path / f for f in FILES if (path / f).exists()]
-    if len(present) > 1:
-        raise DataError(f"several interaction tables ({', '.join(p.name for p in present)}); keep exactly one",
-                        path=path)
-    table = present[0]
-    if table.is_dir():
-        raise DataError("is a folder, not a file", path=table)
-    ypath = path / "dataset.yaml"
-    meta = _read_yaml(ypath)
-    behaviors, target, notes = _order_behaviors(meta, ypath)
-    df = _Table(table)
-    _check_columns(df.columns, table)
-    if len(df) == 0:
-        raise DataError("no interaction rows", path=table)
-    rows = _Rows.read(df, table, behaviors)
-    user_ids, item_ids = _map_ids(rows, path, meta, ypath)
-    fu, fi, fb, fs, kept_ts = _collapse_duplicates(rows, len(item_ids), len(behaviors))
-    if not rows.has_split:
-        notes.append(_leave_one_out(fu, fb, fs, kept_ts, len(behaviors) - 1, target, seed))
-    mats = _matrices(fu, fi, fb, fs, behaviors, len(user_ids), len(item_ids))
-    if mats["train"][target].nnz == 0:
-        raise DataError(f"the target behavior {target!r} has no training rows", path=table)
-    desc = meta.get("description") or ""
-    desc = (str(desc) + " " if desc else "") + f"Generic format ({table.name}). " + " ".join(notes)
-    return MultiBehaviorData(
-        name=str(meta.get("name", name)),
-        behaviors=tuple(behaviors),
-        train=mats["train"], valid=mats["valid"], test=mats["test"],
-        user_ids=user_ids, item_ids=item_ids, description=desc.strip(), source=str(path),
-    )
+def heldout_policy(options: dict[str, Any], meta: dict[str, Any], ypath: Path) -> str:
+    """``heldout_unseen`` from the loader option, else dataset.yaml, else ``keep``."""
+    from_option = "heldout_unseen" in options
+    value = options["heldout_unseen"] if from_option else meta.get("heldout_unseen", "keep")
+    if str(value) not in HELDOUT_UNSEEN:
+        raise DataError(f"{'option ' if from_option else ''}'heldout_unseen' must be one of "
+                        f"{list(HELDOUT_UNSEEN)}{suggest(str(value), HELDOUT_UNSEEN)}",
+                        path=None if from_option else ypath, value=value)
+    return str(value)
 
 
 def _order_behaviors(meta: dict[str, Any], ypath: Path) -> tuple[list[str], str, list[str]]:
@@ -260,81 +134,145 @@ def _order_behaviors(meta: dict[str, Any], ypath: Path) -> tuple[list[str], str,
     return behaviors, target, notes
 
 
+# ----------------------------------------------------------------------------- the table
+def _table_path(path: Path) -> Path:
+    present = [path / f for f in FILES if (path / f).exists()]
+    if len(present) > 1:
+        raise DataError(f"several interaction tables ({', '.join(p.name for p in present)}); keep exactly one",
+                        path=path)
+    if not present:
+        raise DataError(f"dataset.yaml is here but no interaction table ({' / '.join(FILES)})", path=path)
+    if present[0].is_dir():
+        raise DataError("is a folder, not a file", path=present[0])
+    return present[0]
+
+
+def _check_columns(cols: list[str], path: Path) -> None:
+    known = REQUIRED + OPTIONAL
+    if len(cols) == 1 and any(d in cols[0] for d in ("\t", ";", ",", "|")):
+        found = next(d for d in ("\t", ";", ",", "|") if d in cols[0])
+        want = "a tab" if path.suffix == ".tsv" else "a comma"
+        fix = {"\t": "rename it to interactions.tsv", ",": "rename it to interactions.csv"}.get(
+            found, f"replace {found!r} by {'tabs' if path.suffix == '.tsv' else 'commas'}")
+        raise DataError(f"the header is one column {cols[0]!r}: this file is separated by {found!r}, but "
+                        f"{path.name} must be separated by {want}: {fix}", path=path, line=1)
+    for c in REQUIRED:
+        if c not in cols:
+            close = difflib.get_close_matches(c, [x for x in cols if x not in known], n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise DataError(f"missing column {c!r}{hint}; found columns {cols}", path=path, line=1)
+    for c in known:
+        if cols.count(c) > 1:
+            raise DataError(f"column {c!r} appears {cols.count(c)} times in the header", path=path,
+                            line=1, value=c)
+    for c in cols:
+        if c not in known:
+            close = difflib.get_close_matches(c, list(known), n=1, cutoff=0.75)
+            if close:
+                raise DataError(f"unknown column {c!r} (did you mean {close[0]!r}?)", path=path,
+                                line=1, value=c)
+
+
 class _Rows:
     """The table's rows as integer codes: users and items (codes into the distinct values
-    ``ufound``/``ifound``), behavior index, split index (0 train, 1 valid, 2 test), timestamps."""
+    ``ufound``/``ifound``, then indices into the universe after ``_map_ids``), behavior index,
+    split index (0 train, 1 valid, 2 test), timestamps."""
 
-    def __init__(self, table: Path, ucodes: np.ndarray, ufound: np.ndarray, icodes: np.ndarray,
-                 ifound: np.ndarray, bcodes: np.ndarray, scodes: np.ndarray, has_split: bool,
-                 ts: np.ndarray | None) -> None:
-        self.table, self.offset = table, 1 if table.suffix == ".parquet" else 2
-        self.ucodes, self.ufound, self.icodes, self.ifound = ucodes, ufound, icodes, ifound
-        self.bcodes, self.scodes, self.has_split, self.ts = bcodes, scodes, has_split, ts
-
-    @classmethod
-    def read(cls, df: _Table, table: Path, behaviors: list[str]) -> "_Rows":
-        offset = 1 if table.suffix == ".parquet" else 2
-        ucodes, ufound = df.codes("user")
-        icodes, ifound = df.codes("item")
-        for col, codes, found in (("user", ucodes, ufound), ("item", icodes, ifound)):
-            if (found == "").any():
-                k = int(np.flatnonzero(found[codes] == "")[0])
-                raise DataError(f"empty {col} id", path=table, line=_line(table, offset, k), value="")
-        bcodes = _behavior_codes(df, table, offset, behaviors)
-        has_split = "split" in df.columns
-        scodes = _split_codes(df, table, offset) if has_split else np.zeros(len(df), dtype=np.int64)
-        ts = _timestamps(df, table, offset) if "timestamp" in df.columns else None
-        return cls(table, ucodes, ufound, icodes, ifound, bcodes, scodes, has_split, ts)
+    def __init__(self, reader: TableReader, enc: EncodedTable, behaviors: list[str]) -> None:
+        self.reader, self.table = reader, reader.path
+        u, i = enc.columns["user"], enc.columns["item"]
+        for col, e in (("user", u), ("item", i)):
+            _check_ids(reader, col, e)
+        self.ucodes, self.ufound, self.icodes, self.ifound = u.codes, u.values, i.codes, i.values
+        self.bcodes = _behavior_codes(reader, enc, behaviors)
+        self.has_split = "split" in enc.columns
+        self.scodes = _split_codes(reader, enc) if self.has_split else np.zeros(enc.n_rows, dtype=np.int8)
+        self.ts = enc.ts
 
     def line(self, row: int) -> int:
-        return _line(self.table, self.offset, row)
+        return self.reader.line(row)
 
 
+def _first_row(codes: np.ndarray, bad_values: np.ndarray) -> int:
+    """The first row whose code is flagged in ``bad_values`` (a boolean mask over the values)."""
+    return int(np.flatnonzero(bad_values[codes])[0])
 
-def _behavior_codes(df: _Table, table: Path, offset: int, behaviors: list[str]) -> np.ndarray:
+
+def _check_ids(reader: TableReader, col: str, e: Any) -> None:
+    """No empty ids, none longer than :data:`MAX_ID_CHARS`."""
+    if len(e.values) == 0:
+        return
+    empty = e.values == ""
+    if empty.any():
+        raise DataError(f"empty {col} id", path=reader.path, line=reader.line(_first_row(e.codes, empty)),
+                        value="")
+    long = np.char.str_len(e.values) > MAX_ID_CHARS
+    if long.any():
+        k = _first_row(e.codes, long)
+        v = str(e.values[e.codes[k]])
+        raise DataError(f"{col} id of {len(v):,} characters (at most {MAX_ID_CHARS:,}; an unclosed quote?)",
+                        path=reader.path, line=reader.line(k), value=v[:40] + "...")
+
+
+def _behavior_codes(reader: TableReader, enc: EncodedTable, behaviors: list[str]) -> np.ndarray:
     """Each row's behavior index; every declared behavior must have rows."""
-    bcodes, bfound = df.codes("behavior")
-    bmap = pd.Index(behaviors).get_indexer(bfound)
+    b = enc.columns["behavior"]
+    bmap = pd.Index(behaviors).get_indexer(b.values)
     if (bmap < 0).any():
-        bad = sorted(bfound[bmap < 0].tolist())
-        k = int(np.flatnonzero(bmap[bcodes] < 0)[0])
+        bad = sorted(b.values[bmap < 0].tolist())
+        k = _first_row(b.codes, bmap < 0)
         raise DataError(
             f"behavior(s) {bad} not declared in dataset.yaml {behaviors}{suggest(bad[0], behaviors)}",
-            path=table, line=_line(table, offset, k), value=str(bfound[bcodes[k]]),
+            path=reader.path, line=reader.line(k), value=str(b.values[b.codes[k]]),
         )
-    bcodes = bmap[bcodes]
+    bcodes = bmap.astype(np.int16)[b.codes]
     counts = np.bincount(bcodes, minlength=len(behaviors))
-    for b, c in zip(behaviors, counts):
+    for name, c in zip(behaviors, counts):
         if c == 0:
-            raise DataError(f"dataset.yaml lists behavior {b!r} but the file has no rows for it",
-                            path=table, value=b)
+            raise DataError(f"dataset.yaml lists behavior {name!r} but the file has no rows for it",
+                            path=reader.path, value=name)
     return bcodes
 
 
-def _split_codes(df: _Table, table: Path, offset: int) -> np.ndarray:
+def _split_codes(reader: TableReader, enc: EncodedTable) -> np.ndarray:
     """Each row's split index (0 train, 1 valid, 2 test)."""
-    scodes, sfound = df.codes("split")
-    scodes = pd.Index(list(SPLITS)).get_indexer(sfound)[scodes]
-    if (scodes < 0).any():
-        k = int(np.flatnonzero(scodes < 0)[0])
-        v = str(df.series("split").iloc[k]).strip()
+    s = enc.columns["split"]
+    smap = pd.Index(list(SPLITS)).get_indexer(s.values)
+    if (smap < 0).any():
+        k = _first_row(s.codes, smap < 0)
+        v = str(s.values[s.codes[k]])
         raise DataError(f"split must be one of {list(SPLITS)}{suggest(v, SPLITS)}",
-                        path=table, line=_line(table, offset, k), value=v)
-    return scodes
+                        path=reader.path, line=reader.line(k), value=v)
+    return smap.astype(np.int8)[s.codes]
 
 
-def _timestamps(df: _Table, table: Path, offset: int) -> np.ndarray:
-    """Timestamps as float seconds: numbers as they are, dates parsed (UTC nanoseconds)."""
-    raw_ts = df.series("timestamp")
-    num = pd.to_numeric(raw_ts, errors="coerce")
-    if num.isna().any():
-        dt = pd.to_datetime(raw_ts, errors="coerce", utc=True)
-        if dt.isna().any():
-            k = int(np.flatnonzero(dt.isna().to_numpy())[0])
-            raise DataError("timestamp is neither a number nor a date", path=table,
-                            line=_line(table, offset, k), value=str(raw_ts.iloc[k]))
-        num = pd.Series(dt.astype("int64"), index=raw_ts.index)
-    return num.to_numpy(dtype=np.float64)
+# ----------------------------------------------------------------------------- ids
+def _index(found: np.ndarray, universe: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """(index into the universe of each distinct value, -1 if absent; ids in index order)."""
+    if universe is None:
+        universe = _sorted_ids(found)
+    return pd.Index(universe).get_indexer(found), np.asarray(universe).astype(str)
+
+
+def _sorted_ids(found: np.ndarray) -> np.ndarray:
+    """Distinct ids sorted numerically when all are integers (of up to 18 digits), else as text."""
+    s = pd.Series(found, dtype=object)
+    if len(s) and s.str.fullmatch(r"-?\d{1,18}").all():
+        return found[np.argsort(s.astype(np.int64).to_numpy(), kind="stable")]
+    return np.sort(found)
+
+
+def _read_ids(dir_: Path, fname: Any, yaml_path: Path) -> np.ndarray:
+    p = dir_ / str(fname)
+    if not p.exists():
+        raise DataError(f"id file {fname!r} named in dataset.yaml not found", path=yaml_path)
+    ids = np.array([ln.strip() for ln in _read_text(p, "id file").splitlines() if ln.strip()])
+    if len(ids) == 0:
+        raise DataError("empty id file", path=p)
+    uniq, counts = np.unique(ids, return_counts=True)
+    if (counts > 1).any():
+        raise DataError("duplicate id", path=p, value=str(uniq[counts > 1][0]))
+    return ids
 
 
 def _map_ids(rows: _Rows, path: Path, meta: dict[str, Any], ypath: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -342,40 +280,93 @@ def _map_ids(rows: _Rows, path: Path, meta: dict[str, Any], ypath: Path) -> tupl
     universes = {key: _read_ids(path, meta[key], ypath) if key in meta else None for key in ("users", "items")}
     umap, user_ids = _index(rows.ufound, universes["users"])
     imap, item_ids = _index(rows.ifound, universes["items"])
-    rows.ucodes, rows.icodes = umap[rows.ucodes], imap[rows.icodes]
-    for col, codes, found, cmap in (("user", rows.ucodes, rows.ufound, umap), ("item", rows.icodes, rows.ifound, imap)):
-        if (codes < 0).any():
-            k = int(np.flatnonzero(codes < 0)[0])
+    for col, raw, found, cmap in (("user", rows.ucodes, rows.ufound, umap), ("item", rows.icodes, rows.ifound, imap)):
+        if (cmap < 0).any():
+            k = _first_row(raw, cmap < 0)
             raise DataError(f"{col} id not in the {col}s file named in dataset.yaml",
-                            path=rows.table, line=rows.line(k), value=str(found[np.flatnonzero(cmap < 0)[0]]))
+                            path=rows.table, line=rows.line(k), value=str(found[raw[k]]))
+    small = lambda m: m.astype(np.int32) if len(m) < 2**31 else m  # noqa: E731 - 4 bytes a row, not 8
+    rows.ucodes, rows.icodes = small(umap)[rows.ucodes], small(imap)[rows.icodes]
     for key, n in (("n_users", len(user_ids)), ("n_items", len(item_ids))):
         if key in meta and int(meta[key]) != n:
             raise DataError(f"dataset.yaml declares {key}: {meta[key]} but the file has {n:,}",
                             path=ypath, value=meta[key])
-    if rows.has_split and universes["users"] is None:
-        _check_heldout_known(rows.table, rows.offset, rows.scodes, rows.ucodes, "user", user_ids)
-    if rows.has_split and universes["items"] is None:
-        _check_heldout_known(rows.table, rows.offset, rows.scodes, rows.icodes, "item", item_ids)
     return user_ids, item_ids
 
 
-def _collapse_duplicates(rows: _Rows, n_items: int, nb: int) -> tuple[Any, ...]:
-    """Keep the earliest row of each (user, item, behavior, split); ``(users, items, behaviors,
-    splits, timestamps or None)`` of the kept rows, in file order."""
+# ----------------------------------------------------------------------------- load
+def load(path: Path, *, name: str, seed: int = 0, **options: Any) -> MultiBehaviorData:
+    check_options(options, OPTIONS, "the generic format")
+    table = _table_path(path)
+    ypath = path / "dataset.yaml"
+    meta = _read_yaml(ypath)
+    policy = heldout_policy(options, meta, ypath)
+    behaviors, target, notes = _order_behaviors(meta, ypath)
+    reader = TableReader(table, use_pyarrow_csv=USE_PYARROW_CSV)
+    _check_columns(reader.columns, table)
+    has_ts = "timestamp" in reader.columns
+    id_cols = REQUIRED + (("split",) if "split" in reader.columns else ())
+    enc = reader.read(id_cols, "timestamp" if has_ts else None)
+    if enc.n_rows == 0:
+        raise DataError("no interaction rows" + ("" if reader.parquet else " (the file has only a header)"),
+                        path=table)
+    rows = _Rows(reader, enc, behaviors)
+    del enc
+    user_ids, item_ids = _map_ids(rows, path, meta, ypath)
+    pairs = _collapse_duplicates(rows, len(item_ids), len(behaviors))
+    if not rows.has_split:
+        notes.append(_leave_one_out(pairs, len(behaviors) - 1, target, seed))
+    fixed = ("users" in meta, "items" in meta)
+    pairs, user_ids, item_ids, note = _heldout_unseen(policy, pairs, rows, user_ids, item_ids, fixed)
+    if note:
+        notes.append(note)
+    fu, fi, fb, fs = pairs["u"], pairs["i"], pairs["b"], pairs["s"]
+    mats = _matrices(fu, fi, fb, fs, behaviors, len(user_ids), len(item_ids))
+    if mats["train"][target].nnz == 0:
+        raise DataError(f"the target behavior {target!r} has no training rows", path=table)
+    desc = meta.get("description") or ""
+    desc = (str(desc) + " " if desc else "") + f"Generic format ({table.name}). " + " ".join(notes)
+    return MultiBehaviorData(
+        name=str(meta.get("name", name)),
+        behaviors=tuple(behaviors),
+        train=mats["train"], valid=mats["valid"], test=mats["test"],
+        user_ids=user_ids, item_ids=item_ids, description=desc.strip(), source=str(path),
+    )
+
+
+def _collapse_duplicates(rows: _Rows, n_items: int, nb: int) -> dict[str, Any]:
+    """One pair per distinct (user, item, behavior, split): arrays ``u``, ``i``, ``b``, ``s``,
+    ``ts`` (the earliest row's timestamp, or None) and, without a split column, ``row`` (the
+    kept row's index in the file, rows in file order: the leave-one-out draw depends on it)."""
     ts = rows.ts
-    order = np.argsort(ts, kind="stable") if ts is not None else np.arange(len(rows.ucodes))
-    key = ((rows.ucodes[order].astype(np.int64) * n_items + rows.icodes[order]) * nb + rows.bcodes[order]) * 3
-    key += rows.scodes[order]
-    _, first = np.unique(key, return_index=True)
-    kept = order[np.sort(first)]
-    return (rows.ucodes[kept].astype(np.int64), rows.icodes[kept].astype(np.int64),
-            rows.bcodes[kept].astype(np.int64), rows.scodes[kept].astype(np.int64).copy(),
-            None if ts is None else ts[kept])
+    key = (rows.ucodes.astype(np.int64) * n_items + rows.icodes) * nb + rows.bcodes
+    key *= 3
+    key += rows.scodes
+    if rows.has_split and ts is None:  # order and row do not matter: sort the keys and decode them
+        key.sort()  # (np.unique would hash first: several times slower on 10^7 keys)
+        key = key[np.r_[True, key[1:] != key[:-1]]] if len(key) else key
+        s = (key % 3).astype(np.int8)
+        key //= 3
+        b = (key % nb).astype(np.int16)
+        key //= nb
+        return {"u": key // n_items, "i": key % n_items, "b": b, "s": s, "ts": None}
+    if ts is not None:
+        order = np.argsort(ts, kind="stable")
+        _, first = np.unique(key[order], return_index=True)
+        kept = order[np.sort(first)]
+    else:
+        _, first = np.unique(key, return_index=True)
+        kept = np.sort(first)
+    del key
+    return {"u": rows.ucodes[kept].astype(np.int64), "i": rows.icodes[kept].astype(np.int64),
+            "b": rows.bcodes[kept], "s": rows.scodes[kept].copy(),
+            "ts": None if ts is None else ts[kept], "row": kept}
 
 
-def _leave_one_out(fu: np.ndarray, fb: np.ndarray, fs: np.ndarray, ts: np.ndarray | None, tcode: int,
-                   target: str, seed: int) -> str:
-    """No split column: hold out the target per user (``fs`` is updated in place); returns the note."""
+def _leave_one_out(pairs: dict[str, Any], tcode: int, target: str, seed: int) -> str:
+    """No split column: hold out the target per user (``pairs['s']`` is updated in place);
+    returns the note."""
+    fu, fb, fs, ts = pairs["u"], pairs["b"], pairs["s"], pairs["ts"]
     tsel = np.flatnonzero(fb == tcode)
     rng = np.random.default_rng(seed)
     is_valid, is_test = leave_one_out(fu[tsel], rng, None if ts is None else ts[tsel])
@@ -387,28 +378,58 @@ def _leave_one_out(fu: np.ndarray, fb: np.ndarray, fs: np.ndarray, ts: np.ndarra
             f"({int(is_valid.sum()):,}).")
 
 
+def _heldout_unseen(policy: str, pairs: dict[str, Any], rows: _Rows, user_ids: np.ndarray,
+                    item_ids: np.ndarray, fixed: tuple[bool, bool]) -> tuple[dict[str, Any], np.ndarray, np.ndarray, str]:
+    """Apply ``heldout_unseen`` to held-out rows whose user or item has no training row of any
+    behavior; returns ``(pairs, user_ids, item_ids, note)``."""
+    fu, fi, fs = pairs["u"], pairs["i"], pairs["s"]
+    train = fs == 0
+    u_seen = np.bincount(fu[train], minlength=len(user_ids)) > 0
+    i_seen = np.bincount(fi[train], minlength=len(item_ids)) > 0
+    cold_u, cold_i = (fs > 0) & ~u_seen[fu], (fs > 0) & ~i_seen[fi]
+    cold = cold_u | cold_i
+    if not cold.any():
+        return pairs, user_ids, item_ids, ""
+    n_rows, n_u, n_i = int(cold.sum()), len(np.unique(fu[cold_u])), len(np.unique(fi[cold_i]))
+    what = (f"held-out rows naming a user or item with no training row: {n_rows:,} "
+            f"({n_u:,} users, {n_i:,} items)")
+    if policy == "error":
+        if "row" in pairs:  # split assigned by leave-one-out: the pairs know their rows
+            k = int(np.argmin(np.where(cold, pairs["row"], np.iinfo(np.int64).max)))
+            row, u, i, s = int(pairs["row"][k]), fu[k], fi[k], fs[k]
+        else:  # split column: the first such row of the file
+            raw = (rows.scodes > 0) & (~u_seen[rows.ucodes] | ~i_seen[rows.icodes])
+            row = int(np.flatnonzero(raw)[0])
+            u, i, s = rows.ucodes[row], rows.icodes[row], rows.scodes[row]
+        col, value = ("user", user_ids[u]) if not u_seen[u] else ("item", item_ids[i])
+        raise DataError(f"{SPLITS[s]} row for a {col} with no training row of any behavior "
+                        f"(heldout_unseen: error; {what}; keep or drop loads them)",
+                        path=rows.table, line=rows.line(row), value=str(value))
+    if policy == "keep":
+        return pairs, user_ids, item_ids, f"{what.capitalize()}, kept (heldout_unseen: keep)."
+    pairs = {k: (v[~cold] if v is not None else None) for k, v in pairs.items()}
+    user_ids, pairs["u"] = (user_ids, pairs["u"]) if fixed[0] else _compact(pairs["u"], user_ids)
+    item_ids, pairs["i"] = (item_ids, pairs["i"]) if fixed[1] else _compact(pairs["i"], item_ids)
+    return pairs, user_ids, item_ids, f"{what.capitalize()}, dropped (heldout_unseen: drop)."
+
+
+def _compact(codes: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Remove ids no row uses; ``(remaining ids in their order, codes renumbered)``."""
+    used = np.bincount(codes, minlength=len(ids)) > 0
+    new = np.cumsum(used) - 1
+    return ids[used], new[codes]
+
+
 def _matrices(fu: np.ndarray, fi: np.ndarray, fb: np.ndarray, fs: np.ndarray, behaviors: list[str],
               n_users: int, n_items: int) -> dict[str, dict[str, Any]]:
     """``{split: {behavior: CSR}}``."""
     mats: dict[str, dict[str, Any]] = {s: {} for s in SPLITS}
+    group = fb.astype(np.int16) * len(SPLITS) + fs  # small integers: numpy's stable sort is a radix sort
+    order = np.argsort(group, kind="stable")
+    bounds = np.searchsorted(group[order], np.arange(len(behaviors) * len(SPLITS) + 1))
     for k, b in enumerate(behaviors):
         for j, s in enumerate(SPLITS):
-            sel = (fb == k) & (fs == j)
+            g = k * len(SPLITS) + j
+            sel = order[bounds[g]:bounds[g + 1]]
             mats[s][b] = pairs_to_csr(fu[sel], fi[sel], n_users, n_items)
     return mats
-
-
-def _check_heldout_known(
-    table: Path, offset: int, scodes: np.ndarray, codes: np.ndarray, what: str, vals: np.ndarray
-) -> None:
-    """Held-out rows must name users/items that occur in some training row."""
-    seen = np.zeros(int(codes.max()) + 1, dtype=bool)
-    seen[codes[scodes == 0]] = True
-    bad = (scodes > 0) & ~seen[codes]
-    if bad.any():
-        k = int(np.flatnonzero(bad)[0])
-        raise DataError(
-            f"held-out row for a {what} with no training rows (unknown {what}; list all ids in a "
-            f"'{what}s' file in dataset.yaml to allow it)",
-            path=table, line=_line(table, offset, k), value=str(vals[k]),
-        )
