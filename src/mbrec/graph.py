@@ -115,11 +115,11 @@ class _SpMM(torch.autograd.Function):
     @staticmethod
     def forward(ctx, mat: torch.Tensor, mat_t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         ctx.mat_t = mat_t
-        return _full_product(mat, x)
+        return full_product(mat, x)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        return None, None, _full_product(ctx.mat_t, grad.contiguous())
+        return None, None, full_product(ctx.mat_t, grad.contiguous())
 
 
 def _host_mm(mat: torch.Tensor | sp.csr_matrix, x: torch.Tensor) -> torch.Tensor:
@@ -186,7 +186,8 @@ def kernel_choices() -> list[dict[str, Any]]:
     return out
 
 
-def _full_product(mat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def full_product(mat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``mat @ x`` (no autograd) on the kernel :func:`full_kernel` picks."""
     return _KERNELS[full_kernel(mat, x)](mat, x)
 
 
@@ -194,7 +195,7 @@ def spmm(g: SparseGraph, x: torch.Tensor) -> torch.Tensor:
     """``g.mat @ x`` with gradient for ``x`` only (the graph is data, not a parameter)."""
     if x.requires_grad:
         return _SpMM.apply(g.mat, g.mat_t, x)
-    return _full_product(g.mat, x)
+    return full_product(g.mat, x)
 
 
 class _RowsSpMM(torch.autograd.Function):

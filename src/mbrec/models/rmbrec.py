@@ -39,8 +39,8 @@ Regularisation as coded: ``reg * sum_b 1/2(|p_u|^2 + |q_i|^2 + |q_j|^2) / batch`
 Speed (same values as the plain path, tested): the official layer ``rownorm(A x)`` is one
 autograd function with a fused backward, and the last layer is computed only for the rows the
 batch reads (``A[S] x`` forward, ``A[S]^T g`` backward). ``cpu_kernel: auto`` (the default)
-follows the rule of :func:`mbrec.graph.propagate`: torch's CSR kernel for full layers, SciPy row
-slices for the last layer; ``scipy`` uses SciPy everywhere and ``torch`` torch everywhere (every
+follows the rule of :func:`mbrec.graph.propagate`: full layers on the kernel
+:func:`mbrec.graph.full_kernel` measures faster, SciPy row slices for the last layer; ``scipy`` uses SciPy everywhere and ``torch`` torch everywhere (every
 row, as on GPU). ``benchmarks/rmbrec.md`` has measurements of each.
 
 More: ``docs/models/rmbrec.md``.
@@ -59,7 +59,7 @@ from torch import nn
 
 from mbrec.data.container import MultiBehaviorData
 from mbrec.errors import ConfigError
-from mbrec.graph import SparseGraph, bipartite, host_kernels, normalize_sym, scipy_view, spmm, to_device
+from mbrec.graph import SparseGraph, bipartite, full_product, host_kernels, normalize_sym, scipy_view, spmm, to_device
 from mbrec.losses import BPR_EPS, bpr, info_nce, masked_mean, variance
 from mbrec.models.base import Model, ModelConfig, register
 from mbrec.options import option
@@ -91,8 +91,8 @@ class RMBRecConfig(ModelConfig):
     #: kernel (multi-threaded); same values. Which is faster depends on the machine
     #: (``benchmarks/rmbrec.md``); GPUs always use torch.
     cpu_kernel: str = option("auto", choices=("auto", "scipy", "torch"),
-                             doc="CPU products of the fused layers: auto = mbrec.graph's rule (torch CSR for full "
-                                 "layers, SciPy row slices for the last layer's rows); scipy or torch everywhere")
+                             doc="CPU products of the fused layers: auto = mbrec.graph's rule (full layers on the "
+                                 "kernel it measures faster, SciPy row slices for the last layer's rows); scipy or torch everywhere")
 
 
 def bpr_dw(x: torch.Tensor, w: torch.Tensor | float) -> torch.Tensor:
@@ -112,9 +112,11 @@ class BehaviorGraph:
     csr: sp.csr_matrix | None
 
 
-def _matmul(A: sp.spmatrix | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def _matmul(A: sp.spmatrix | torch.Tensor, x: torch.Tensor, torch_only: bool = False) -> torch.Tensor:
+    """``A @ x``: SciPy for a SciPy matrix; for a torch tensor torch's CSR kernel (``torch_only``)
+    or the kernel graph.py's rule picks (bit-identical either way)."""
     if isinstance(A, torch.Tensor):
-        return torch.sparse.mm(A, x)
+        return torch.sparse.mm(A, x) if torch_only else full_product(A, x)
     return torch.from_numpy(np.ascontiguousarray(A @ x.detach().contiguous().numpy()))
 
 
@@ -125,12 +127,12 @@ class _NormalizedPropagation(torch.autograd.Function):
     ``irm_v2_code`` uses the plain :func:`spmm` + ``F.normalize`` path."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, A: object, A_t: object) -> torch.Tensor:  # type: ignore[override]
-        h = _matmul(A, x)  # type: ignore[arg-type]
+    def forward(ctx, x: torch.Tensor, A: object, A_t: object, torch_only: bool = False) -> torch.Tensor:  # type: ignore[override]
+        h = _matmul(A, x, torch_only)  # type: ignore[arg-type]
         n = torch.linalg.vector_norm(h, dim=1, keepdim=True).clamp_min_(1e-12)
         y = h.div_(n)
         ctx.save_for_backward(y, n)
-        ctx.A_t = A_t
+        ctx.A_t, ctx.torch_only = A_t, torch_only
         return y
 
     @staticmethod
@@ -138,7 +140,7 @@ class _NormalizedPropagation(torch.autograd.Function):
         y, n = ctx.saved_tensors
         gh = gy - y * (y * gy).sum(1, keepdim=True)
         gh.div_(n)
-        return _matmul(ctx.A_t, gh), None, None
+        return _matmul(ctx.A_t, gh, ctx.torch_only), None, None, None
 
 
 @register("rmbrec")
@@ -216,7 +218,7 @@ class RMBRec(Model):
                     As = (A if A is not None else scipy_view(g.sparse.mat))[rows.numpy()]  # only the rows read
                     acc = acc + _NormalizedPropagation.apply(x, As, As.T.tocsr())  # CSR: faster than CSC
                     break
-                x = _NormalizedPropagation.apply(x, *mats)
+                x = _NormalizedPropagation.apply(x, *mats, self.cfg.cpu_kernel == "torch")
                 acc = acc + (x if rows is None else x[rows])
             outs.append(acc)
         return outs
