@@ -12,7 +12,7 @@ from mbrec.errors import MbrecError
 
 #: modules that add subcommands; a missing optional module is skipped
 COMMAND_MODULES = ("mbrec.cli.data_cmds", "mbrec.cli.run_cmds", "mbrec.cli.experiment_cmds", "mbrec.cli.report_cmds",
-                   "mbrec.cli.fetch_cmds")
+                   "mbrec.cli.fetch_cmds", "mbrec.cli.serve_cmds")
 
 #: subcommands that train or evaluate: without ``--threads`` they run with
 #: :func:`mbrec.threads.default_threads` torch threads (the others never import torch for it)
