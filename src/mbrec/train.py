@@ -5,6 +5,10 @@ Building blocks reused outside the trainer (MB-CGCN's pretraining, ``benchmarks/
 
 * :func:`train_step` - one optimizer step on one batch; returns the loss terms;
 * :func:`train_epoch` - one pass of a sampler; returns the mean loss terms and the steps taken.
+
+Data-parallel training (``torchrun``, ``mbrec train --nproc N``; :mod:`mbrec.distributed`,
+``docs/distributed.md``): with a ``parallel`` argument every rank runs the same loop on its share
+of each global batch (:func:`parallel_step`), and rank 0 alone writes, logs and evaluates.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import torch
 
 from mbrec.config import RunConfig
 from mbrec.data.container import MultiBehaviorData
+from mbrec.distributed import Parallel, batch_axis, param_digest, replica_digest, silent_logger
 from mbrec.errors import ConfigError, MbrecError, NonFiniteError
 from mbrec.evaluate import Metrics, check_protocol_fits, evaluate, has_valid, selection_value, task_behaviors
 from mbrec.models.base import Batch, Model, Sampler
@@ -39,7 +44,7 @@ from mbrec.rundir import (
     resolve_device,
 )
 
-__all__ = ["Trainer", "TrainState", "has_valid", "set_seed", "train", "train_epoch", "train_step"]
+__all__ = ["Trainer", "TrainState", "has_valid", "parallel_step", "set_seed", "train", "train_epoch", "train_step"]
 
 
 def set_seed(seed: int) -> None:
@@ -65,6 +70,28 @@ def train_step(
     return terms
 
 
+def parallel_step(
+    model: Model, graphs: Any, batch: Batch, opt: torch.optim.Optimizer, device: torch.device, parallel: Parallel,
+    *, axis: int = 0, grad_clip: float = 0.0
+) -> dict[str, torch.Tensor]:
+    """:func:`train_step` of one rank in data-parallel training: the loss on this rank's share of
+    the global ``batch`` (:meth:`Parallel.shard`; a rank without rows skips it), gradients
+    summed over the ranks weighted by their shares (:meth:`Parallel.reduce_gradients`), then
+    clipping (on the summed gradient) and the optimizer step, as in one process. Returns the
+    loss terms times this rank's weight: summed over the ranks they are the global batch's terms
+    (exactly so for terms that are means over the batch's rows)."""
+    local, weight = parallel.shard(batch, axis)
+    terms = model.loss(graphs, to_tensors(local, device)) if weight > 0 else {}
+    opt.zero_grad(set_to_none=True)
+    if terms:
+        terms["loss"].backward()
+    parallel.reduce_gradients(model.parameters(), weight)
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+    return {k: v.detach() * weight for k, v in terms.items()}
+
+
 def train_epoch(
     model: Model,
     graphs: Any,
@@ -76,22 +103,31 @@ def train_epoch(
     grad_clip: float = 0.0,
     before_step: Callable[[], None] | None = None,
     wrap: Callable[[Iterable[Batch]], Iterable[Batch]] | None = None,
+    parallel: Parallel | None = None,
 ) -> tuple[dict[str, float], int]:
     """One pass of ``sampler``: ``(mean of every loss term, number of steps)``.
 
     ``before_step`` runs before each step (the trainer's learning-rate schedule); ``wrap`` wraps
-    the batch iterator (a progress bar). Raises when the sampler yields nothing."""
+    the batch iterator (a progress bar). With ``parallel`` every rank draws the same global
+    batches and trains on its share of each (:func:`parallel_step`); the returned means are the
+    global batches' (summed over the ranks). Raises when the sampler yields nothing."""
     model.train()
     sums: dict[str, float] = {}
     n = 0
     batches: Iterable[Batch] = sampler.epoch(rng)
+    axis = batch_axis(sampler) if parallel is not None else 0
     for batch in wrap(batches) if wrap else batches:
         if before_step is not None:
             before_step()
-        terms = train_step(model, graphs, batch, opt, device, grad_clip=grad_clip)
+        if parallel is None:
+            terms = train_step(model, graphs, batch, opt, device, grad_clip=grad_clip)
+        else:
+            terms = parallel_step(model, graphs, batch, opt, device, parallel, axis=axis, grad_clip=grad_clip)
         n += 1
         for k, v in terms.items():
             sums[k] = sums.get(k, 0.0) + float(v.detach())
+    if parallel is not None:
+        sums = parallel.sum_terms(sums)
     if n == 0:
         raise MbrecError("the sampler produced no batch: is the training data empty?")
     return {k: v / n for k, v in sums.items()}, n
@@ -150,40 +186,60 @@ class Trainer:
         *,
         data: MultiBehaviorData | None = None,
         quiet: bool = False,
+        parallel: Parallel | None = None,
     ) -> None:
         self.cfg = cfg
         self.folder = RunFolder(out_dir if out_dir else default_run_dir(cfg))
         self.out = self.folder.path
-        self.device = resolve_device(cfg.device)
-        self.quiet = quiet
+        #: data-parallel training (mbrec.distributed): this rank's place; None in one process
+        self.parallel = parallel
+        #: whether this process writes the run folder, logs and evaluates (rank 0, or alone)
+        self.writes = parallel is None or parallel.is_main
+        self.device = parallel.device(cfg.device) if parallel is not None else resolve_device(cfg.device)
+        self.quiet = quiet or not self.writes
         self.data: MultiBehaviorData | None = data
         self.state = TrainState()
+        self._reported = False
 
     # -- setup ---------------------------------------------------------------------------
     def setup(self, *, resume: bool = False) -> None:
         """Build every per-run object; restore ``last.pt`` when resuming. The folder must be
         locked by the caller (``run`` does)."""
-        cfg = self.cfg
-        if not resume:
+        cfg, par = self.cfg, self.parallel
+        if not resume and self.writes:
             self.folder.clear_early_remains()
-        self.log = self.folder.logger(quiet=self.quiet)
+        self.log = self.folder.logger(quiet=self.quiet) if self.writes else silent_logger(par.rank)  # type: ignore[union-attr]
         set_seed(cfg.seed)
         if self.data is None:
             self.data = load_data(cfg)
         self._check_protocol(self.data)
         if resume:
-            self._check_resume_config()
-            self.folder.verify_data(self.data)
+            self._on_main(self._check_resume)
         self.model = build_model(cfg, self.data, self.device)
+        if par is not None:
+            par.check_same("data or initial parameters", replica_digest(self.data, self.model))
         self.graphs = self.model.build_graphs(self.data, self.device)
         self.sampler = self.model.make_sampler(self.data)
         self.opt = adam(self.model.parameters(), cfg.train.lr, cfg.train.weight_decay)
         self.rng = np.random.default_rng(cfg.seed)
-        self.folder.write_config(cfg, self.data)
+        data = self.data
+        self._on_main(lambda: self.folder.write_config(cfg, data))
         if resume:
             self._restore()
         else:
             self._start()
+        if par is not None:
+            par.check_same("parameters after setup", param_digest(self.model))
+
+    def _on_main(self, fn: Callable[[], Any]) -> Any:
+        """``fn()`` in one process; in data-parallel training run by rank 0 alone, its result
+        (or its failure) sent to every rank."""
+        return fn() if self.parallel is None else self.parallel.from_main(fn)
+
+    def _check_resume(self) -> None:
+        assert self.data is not None
+        self._check_resume_config()
+        self.folder.verify_data(self.data)
 
     def _check_resume_config(self) -> None:
         """A resumed run keeps its settings; only the epoch cap may be raised."""
@@ -207,13 +263,18 @@ class Trainer:
             )
 
     def _restore(self) -> None:
-        ck = self.folder.load_last(self.device)
+        if self.parallel is None:
+            ck = self.folder.load_last(self.device)
+        else:  # rank 0 reads it (the others may not see the run folder) and sends it to all
+            ck = self.parallel.from_main(lambda: self.folder.load_last(torch.device("cpu")))
         self.model.load_state_dict(ck["model"])
         load_state(self.opt, ck["optimizer"])
         self.rng.bit_generator.state = ck["numpy_rng"]
         torch.set_rng_state(ck["torch_rng"])
         self.state = TrainState(**ck["state"])
         self.log.info(f"resumed from {self.folder.last} after epoch {self.state.epoch}")
+        if self.parallel is not None:
+            self.log.info(self.parallel.describe())
 
     def _start(self) -> None:
         cfg, data, log = self.cfg, self.data, self.log
@@ -227,29 +288,49 @@ class Trainer:
         log.info(cfg.protocol.describe())
         n_params = sum(p.numel() for p in self.model.parameters())
         log.info(f"{n_params:,} parameters, device {self.device}, seed {cfg.seed}, {torch.get_num_threads()} threads")
+        if self.parallel is not None:
+            log.info(self.parallel.describe())
         self.model.on_train_start(data, self.graphs, self.device, log=log.info)
-        if cfg.train.eval_start == 0:
+        if cfg.train.eval_start == 0 and self.writes:
             self.evaluate_epoch(0, {})
 
     # -- the loop ------------------------------------------------------------------------
     def run(self, *, resume: bool = False) -> dict[str, Any]:
         """Lock the folder, train, evaluate, write it. A run that fails before its first
-        checkpoint removes what it wrote, so the same command can simply be run again."""
-        created = self.folder.check_writable(resume=resume)
-        self.folder.create()
+        checkpoint removes what it wrote, so the same command can simply be run again.
+        In data-parallel training rank 0 does all of this; the other ranks wait for its word
+        that the folder is locked, then train along (:meth:`_run_locked`)."""
+        if not self.writes:
+            self._report(None)  # receives rank 0's word; raises if it failed
+            return self._run_locked(resume)
+        try:
+            created = self.folder.check_writable(resume=resume)
+            self.folder.create()
+        except BaseException as e:
+            self._report(e)
+            raise
         owned = False
         try:
             with self.folder.locked():
                 owned = True
                 self.folder.check_writable(resume=resume)  # again, now that no one else can write
+                self._report(None)
                 return self._run_locked(resume)
         except BaseException as e:
+            self._report(e)
             if owned and not resume and not self.folder.last.is_file():
                 self._discard(created)
                 if isinstance(e, MbrecError) and e.args:
                     e.args = (f"{e.args[0]} (nothing was kept in {self.out}; fix this and run the same command again)",
                               *e.args[1:])
             raise
+
+    def _report(self, error: BaseException | None) -> None:
+        """Data-parallel training: rank 0 tells the other ranks, once, whether it got the folder
+        (``None``) or failed; they receive it (raising on a failure). Nothing in one process."""
+        if self.parallel is not None and not self._reported:
+            self._reported = True
+            self.parallel.report(error)
 
     def _run_locked(self, resume: bool) -> dict[str, Any]:
         self.setup(resume=resume)
@@ -259,13 +340,18 @@ class Trainer:
                 break
             means, secs = self.train_epoch(epoch)
             self.state.epoch = epoch
-            if self._evaluates(epoch):
-                self.evaluate_epoch(epoch, means, secs)
-            else:
-                self.state.history.append({"epoch": epoch, "seconds": secs, **means})
-                self.log.info(f"epoch {epoch:4d} | {_fmt_terms(means)} | {secs:.1f}s")
-            self.save_last()
-            if self._patience_exhausted(epoch):
+            stop = False
+            if self.writes:
+                if self._evaluates(epoch):
+                    self.evaluate_epoch(epoch, means, secs)
+                else:
+                    self.state.history.append({"epoch": epoch, "seconds": secs, **means})
+                    self.log.info(f"epoch {epoch:4d} | {_fmt_terms(means)} | {secs:.1f}s")
+                self.save_last()
+                stop = self._patience_exhausted(epoch)
+            if self.parallel is not None:
+                stop = self.state.stopped = self.parallel.stop_together(stop)
+            if stop:
                 break
         return self.finish(time.perf_counter() - started)
 
@@ -289,7 +375,8 @@ class Trainer:
             wrap = lambda it: tqdm(it, desc=f"epoch {epoch}", leave=False, total=total)  # noqa: E731
         t0 = time.perf_counter()
         means, steps = train_epoch(self.model, self.graphs, self.sampler, self.opt, self.rng, self.device,
-                                   grad_clip=tc.grad_clip, before_step=self._schedule_lr, wrap=wrap)
+                                   grad_clip=tc.grad_clip, before_step=self._schedule_lr, wrap=wrap,
+                                   parallel=self.parallel)
         secs = time.perf_counter() - t0
         self.state.epoch_seconds.append(secs)
         if not all(math.isfinite(v) for v in means.values()):
@@ -427,7 +514,16 @@ class Trainer:
         return valid, test, {b: st.best_epoch for b in test}
 
     def finish(self, wall_seconds: float) -> dict[str, Any]:
-        """Load the selected weights, evaluate them, write ``metrics.json``; returns the metrics."""
+        """Load the selected weights, evaluate them, write ``metrics.json``; returns the metrics.
+        In data-parallel training rank 0 does this and every rank returns its metrics."""
+        if self.parallel is None:
+            return self._finish(wall_seconds)
+        if not self.parallel.same(param_digest(self.model)):  # cannot happen with identical updates
+            self.log.warning("warning: the ranks' parameters differ at the end of training; rank 0's are "
+                             "evaluated and saved")
+        return self.parallel.from_main(lambda: self._finish(wall_seconds))
+
+    def _finish(self, wall_seconds: float) -> dict[str, Any]:
         st, p = self.state, self.cfg.protocol
         if self.folder.best.is_file():
             self.model.load_state_dict(self.folder.load_weights(self.device))
@@ -472,6 +568,7 @@ class Trainer:
             "epoch_seconds_median": statistics.median(st.epoch_seconds) if st.epoch_seconds else 0.0,
             "eval_seconds": eval_seconds,
             "device": str(self.device),
+            **({"ranks": self.parallel.world} if self.parallel is not None else {}),
             "torch": torch.__version__,
             "history": st.history,
         }
@@ -484,6 +581,9 @@ def train(
     data: MultiBehaviorData | None = None,
     resume: bool = False,
     quiet: bool = False,
+    parallel: Parallel | None = None,
 ) -> dict[str, Any]:
-    """Train and evaluate; returns the metrics dict written to ``metrics.json``."""
-    return Trainer(cfg, out_dir, data=data, quiet=quiet).run(resume=resume)
+    """Train and evaluate; returns the metrics dict written to ``metrics.json``. With
+    ``parallel`` (a started :class:`mbrec.distributed.Parallel`) every rank calls this and
+    trains data-parallel; rank 0 writes ``out_dir`` and every rank returns rank 0's metrics."""
+    return Trainer(cfg, out_dir, data=data, quiet=quiet, parallel=parallel).run(resume=resume)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--quiet", action="store_true", help="no per-epoch log on stderr")
     p.add_argument("--json", action="store_true", help="print the final metrics as one JSON object")
+    p.add_argument("--nproc", type=int, metavar="N",
+                   help="train data-parallel on N local ranks, started through torch.distributed.run "
+                        "(the same as torchrun --nproc_per_node=N -m mbrec train ...; docs/distributed.md)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="evaluate a finished run (optionally under another protocol)")
@@ -109,16 +113,81 @@ def _resume_config(args: argparse.Namespace) -> "Any":
     return config_from_dict(deep_merge(raw, parse_overrides(_overrides(args))))
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def _train_argv(args: argparse.Namespace) -> list[str]:
+    """The ``mbrec`` arguments that repeat this ``train`` command on each rank (without ``--nproc``)."""
+    argv = ["--threads", str(args.threads)] if getattr(args, "threads", None) is not None else []
+    argv += ["train", args.model, args.data]
+    for flag in ("config", "seed", "device", "epochs", "protocol", "out"):
+        if getattr(args, flag) is not None:
+            argv += [f"--{flag}", str(getattr(args, flag))]
+    for item in args.set:
+        argv += ["--set", item]
+    return argv + [f"--{flag}" for flag in ("resume", "quiet", "json") if getattr(args, flag)]
+
+
+def _train_config(args: argparse.Namespace) -> "Any":
     from mbrec.config import build_config
-    from mbrec.report import metrics_table
-    from mbrec.train import train
 
     if args.resume:
-        cfg = _resume_config(args)
-    else:
-        cfg = build_config(args.model, args.data, config_file=args.config, overrides=_overrides(args))
+        return _resume_config(args)
+    return build_config(args.model, args.data, config_file=args.config, overrides=_overrides(args))
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from mbrec import distributed
+    from mbrec.train import train
+
+    par = distributed.Parallel.from_env()
+    if args.nproc is not None:
+        if args.nproc < 1:
+            raise MbrecError(f"--nproc must be at least 1, got {args.nproc}")
+        if par is not None:
+            raise MbrecError("--nproc starts its own ranks; under torchrun leave it out (--nproc_per_node sets them)")
+        if args.nproc > 1:
+            return distributed.launch(args.nproc, _train_argv(args))
+    if par is not None:
+        return _train_rank(args, par)
+    cfg = _train_config(args)
     metrics = train(cfg, args.out, resume=args.resume, quiet=args.quiet or args.json)
+    _print_train_result(args, cfg, metrics)
+    return 0
+
+
+def _train_rank(args: argparse.Namespace, par: "Any") -> int:
+    """One rank of a data-parallel ``mbrec train`` (started by torchrun): rank 0 resolves the
+    configuration and sends it to all; rank 0 alone prints the result."""
+    from mbrec.distributed import RankStopped, lost_contact, rank_threads
+    from mbrec.train import train
+
+    threads = rank_threads(par.local_world, getattr(args, "threads", None))
+    if threads is not None:
+        torch.set_num_threads(threads)
+    par.start()
+    try:
+        cfg = par.from_main(lambda: _train_config(args))
+        metrics = train(cfg, args.out, resume=args.resume, quiet=args.quiet or args.json, parallel=par)
+    except RankStopped:
+        return 2  # rank 0 prints why
+    except MbrecError as e:
+        if not par.is_main and e.args:  # say which rank (several may report the same error)
+            e.args = (f"rank {par.rank}: {e.args[0]}", *e.args[1:])
+        raise
+    except RuntimeError as e:
+        if not lost_contact(e):
+            raise
+        why = re.sub(r"^\[[^\]]*\]\s*", "", str(e).splitlines()[0]).split(". ")[0]  # gloo: "[file:line] text. ..."
+        raise MbrecError(f"rank {par.rank}: lost contact with another rank ({why[:160]}); "
+                         "that rank's own error, printed above, says why") from None
+    finally:
+        par.close()
+    if par.is_main:
+        _print_train_result(args, cfg, metrics)
+    return 0
+
+
+def _print_train_result(args: argparse.Namespace, cfg: "Any", metrics: dict[str, Any]) -> None:
+    from mbrec.report import metrics_table
+
     if args.json:
         print(json.dumps({k: v for k, v in metrics.items() if k != "history"}))
     else:
@@ -128,7 +197,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(cfg.protocol.describe())
         print(metrics_table(metrics))
         print(f"median epoch {metrics['epoch_seconds_median']:.3g}s, final evaluation {metrics['eval_seconds']:.3g}s")
-    return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
