@@ -254,80 +254,6 @@ def propagate(g: SparseGraph, x: torch.Tensor, rows: torch.Tensor | None = None)
     return _RowsSpMM.apply(x, A_rows) if x.requires_grad else _host_mm(A_rows, x)
 
 
-def _row_product(g: SparseGraph, x: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, Any]:
-    """``(A[rows] @ x, handle)`` without autograd; ``handle`` gives :func:`_row_product_t` what it
-    needs for ``A[rows]^T @ y``: SciPy's row slice on the CPU, else ``None`` (full products)."""
-    if host_kernels(g.mat.device):
-        A_rows = scipy_view(g.mat)[rows.cpu().numpy()]
-        return _host_mm(A_rows, x), A_rows
-    return full_product(g.mat, x)[rows], None
-
-
-def _row_product_t(g: SparseGraph, handle: Any, rows: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """``A[rows]^T @ y`` (``[N, d]``) for the ``handle`` of :func:`_row_product`."""
-    if handle is not None:
-        return _host_mm(handle.T.tocsr(), y)  # SciPy's CSC-times-dense kernel is slower than converting
-    s = y.new_zeros(g.mat.shape[0], y.shape[1])
-    s[rows] = y
-    return full_product(g.mat_t, s)
-
-
-def _stack_forward(x: torch.Tensor, g: SparseGraph, n_layers: int, rows: torch.Tensor | None, include_ego: bool,
-                   n_terms: int) -> tuple[torch.Tensor, Any]:
-    """The forward of :class:`_LightGCNStack` (no autograd): the output (divided by ``n_terms``;
-    1 for a sum) and the row-product handle for the backward."""
-    acc = x.clone() if include_ego else None
-    h, handle = x, None
-    for n in range(n_layers):
-        if rows is not None and n == n_layers - 1:
-            last, handle = _row_product(g, h, rows)
-            acc = last if acc is None else acc[rows].add_(last)
-            break
-        h = full_product(g.mat, h)
-        acc = h.clone() if acc is None else acc.add_(h)
-    assert acc is not None
-    return (acc.div_(n_terms) if n_terms != 1 else acc), handle
-
-
-class _LightGCNStack(torch.autograd.Function):
-    """The whole LightGCN stack as one linear operator with a hand-written backward.
-
-    Forward: ``h_l = A h_{l-1}`` (``h_0 = x``), ``out = c * sum_{l in C} h_l`` with ``C`` the
-    aggregated layers (``0..L`` or ``1..L``) and ``c`` the mean's ``1/|C|`` (or 1; applied as a division by ``|C|``), accumulated in
-    place; with ``rows`` the sum is taken at those (sorted, distinct) rows and the last layer is
-    ``A[rows] h_{L-1}``. Backward (the operator is linear in ``x``, so nothing is saved but the
-    graph): ``r_L = c g``, ``r_l = A^T r_{l+1} + [l in C] c g`` down to ``r_0 = dx``; with
-    ``rows``, ``c g`` enters as ``s = P_rows^T (c g)`` and ``r_{L-1} = A[rows]^T (c g) + [L-1 in
-    C] s``. No per-layer autograd nodes, no fresh tensor per sum: one buffer per direction."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, g: SparseGraph, n_layers: int, rows: torch.Tensor | None,  # type: ignore[override]
-                include_ego: bool, n_terms: int) -> torch.Tensor:
-        out, handle = _stack_forward(x, g, n_layers, rows, include_ego, n_terms)
-        ctx.g, ctx.n_layers, ctx.rows, ctx.include_ego, ctx.n_terms, ctx.handle = g, n_layers, rows, include_ego, n_terms, handle
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        g, L, rows, ego = ctx.g, ctx.n_layers, ctx.rows, ctx.include_ego
-        t = grad.contiguous() / ctx.n_terms if ctx.n_terms != 1 else grad.contiguous()
-        if rows is not None:  # the sum's gradient at every node: zero outside the rows
-            r = _row_product_t(g, ctx.handle, rows, t)
-            s = t.new_zeros(g.mat.shape[0], t.shape[1])
-            s[rows] = t
-            t = s
-            top = L - 1
-            if top >= 1 or ego:
-                r.add_(t)
-        else:
-            r, top = t.clone(), L
-        for layer in range(top - 1, -1, -1):  # r holds dL/dh_{layer+1}
-            r = full_product(g.mat_t, r)
-            if layer >= 1 or ego:
-                r.add_(t)
-        return r, None, None, None, None, None
-
-
 def lightgcn_stack(
     g: SparseGraph,
     x: torch.Tensor,
@@ -340,23 +266,29 @@ def lightgcn_stack(
     """LightGCN propagation ``h_{l+1} = g h_l`` (``h_0 = x``), aggregating layers ``0..L``
     (``1..L`` without ``include_ego``) by ``mean`` or ``sum``.
 
-    ``rows=None``: ``[N, d]``. With ``rows`` (sorted distinct node indices, as
-    :func:`node_rows` gives): only those output rows, ``[len(rows), d]``; layers ``1..L-1`` are
-    still computed over all nodes (the last layer reads them), the last one only at ``rows``.
-    The sum runs in layer order either way, so both give the same numbers. With a gradient the
-    stack is one autograd function with a hand-written backward (:class:`_LightGCNStack`; tested
-    against plain autograd in ``tests/test_bench.py``)."""
-    if agg not in ("mean", "sum"):
+    ``rows=None``: ``[N, d]``. With ``rows`` (node indices): only those output rows,
+    ``[len(rows), d]``; layers ``1..L-1`` are still computed over all nodes (the last layer reads
+    them), the last one only at ``rows`` (:func:`propagate`). The sum runs in layer
+    order either way, so both give the same numbers (up to the sparse kernel's rounding)."""
+    acc: torch.Tensor | None = x if include_ego else None
+    h = x
+    for n in range(n_layers):
+        if rows is not None and n == n_layers - 1:
+            h_last = propagate(g, h, rows)
+            acc = h_last if acc is None else acc[rows] + h_last
+            break
+        h = propagate(g, h)
+        acc = h if acc is None else acc + h
+    else:  # no layer at rows (n_layers == 0)
+        if acc is None:
+            acc = torch.zeros_like(x)
+        if rows is not None:
+            acc = acc[rows]
+    if agg == "mean":
+        acc = acc / (n_layers + int(include_ego))
+    elif agg != "sum":
         raise ValueError(f"unknown layer aggregation {agg!r}; use 'mean' or 'sum'")
-    n_terms = n_layers + int(include_ego)
-    if n_layers == 0 or n_terms == 0:
-        out = x if include_ego else torch.zeros_like(x)
-        out = out if rows is None else out[rows]
-        return out / max(n_terms, 1) if agg == "mean" else out
-    divisor = n_terms if agg == "mean" else 1
-    if x.requires_grad:
-        return _LightGCNStack.apply(x, g, n_layers, rows, include_ego, divisor)
-    return _stack_forward(x, g, n_layers, rows, include_ego, divisor)[0]
+    return acc
 
 
 def node_rows(*ids: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
