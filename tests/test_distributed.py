@@ -331,7 +331,7 @@ runs = [
     rmbrec + ["--epochs", "{epochs}", "--out", out + "/rmbrec"],
     lightgcn + ["--epochs", "2", "--out", out + "/resumed"],
     lightgcn + ["--epochs", "{epochs}", "--out", out + "/resumed", "--resume"],
-    lightgcn + ["--epochs", "20", "--set", "train.lr=0", "--set", "train.patience=1", "--out", out + "/stopped"],
+    lightgcn + ["--epochs", "20", "--set", "train.lr=0", "--set", "train.patience=1", "--set", "train.min_epochs=0", "--out", out + "/stopped"],
     lightgcn + ["--epochs", "2", "--out", out + "/stopped"],  # refused by rank 0: the folder is taken
 ]
 par = Parallel.from_env()

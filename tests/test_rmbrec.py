@@ -452,7 +452,7 @@ def test_score_shape_and_registration(tiny: MultiBehaviorData) -> None:
     assert s.shape == (4, tiny.n_items)  # the padding item is not a candidate
     assert emb[0].shape[0] == tiny.n_users + 1  # ... but the padding user row exists (faithful)
     assert m.scored_behaviors == ("buy",)
-    assert RMBRec.train_defaults == {"lr": 1e-3, "weight_decay": 1e-3, "epochs": 200, "patience": 20}
+    assert RMBRec.train_defaults == {"lr": 1e-3, "weight_decay": 1e-3, "epochs": 200, "patience": 20, "min_epochs": 50}
 
 
 @pytest.mark.realdata

@@ -73,7 +73,7 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, tiny, mon
 
 
 def test_early_stopping_uses_patience(tmp_path, tiny):
-    m = train(_cfg("train.epochs=40", "train.patience=2", "train.lr=0.0"), tmp_path / "r", data=tiny, quiet=True)
+    m = train(_cfg("train.epochs=40", "train.patience=2", "train.min_epochs=0", "train.lr=0.0"), tmp_path / "r", data=tiny, quiet=True)
     # lr 0: nothing improves after epoch 1, so the run stops at epoch 1 + patience + 1
     assert m["best_epoch"] == 1
     assert m["epochs_run"] == 4
@@ -152,7 +152,7 @@ def test_select_each_patience_waits_for_every_task(tmp_path):
 
     data = load_builtin("synthetic", seed=0, n_users=150, n_items=120)
     over = ["model_args.mode=per_behavior", "protocol=mmr", "protocol.select_behavior=each",
-            "train.epochs=30", "train.patience=2", "train.test_every_eval=true", "train.lr=0.05"]
+            "train.epochs=30", "train.patience=2", "train.min_epochs=0", "train.test_every_eval=true", "train.lr=0.05"]
     m = train(build_config("lightgcn", "synthetic", overrides=over), tmp_path / "run", data=data, quiet=True)
     last_gain = max(m["best_epochs"].values())
     assert m["epochs_run"] == last_gain + 3 < 30  # stopped 3 epochs after the last task improved

@@ -38,6 +38,8 @@ class TrainConfig:
 
     epochs: int = option(100, min=0, doc="training epochs")
     patience: int = option(20, min=0, doc="stop when epoch - best_epoch > patience (RMBRec's rule); 0 disables early stopping")
+    min_epochs: int = option(0, min=0, doc="early stopping cannot end a run before this epoch (models with early "
+                                           "stopping default to 50 without a config; paper configs set 0)")
     lr: float = option(1e-3, min=0, max=100, doc="Adam learning rate (0 freezes the weights)")
     weight_decay: float = option(0.0, min=0, doc="Adam weight decay")
     lr_decay: float = option(1.0, gt=0, max=1, doc="staircase decay lr * lr_decay ** (step // lr_decay_steps) (COPF/PKEF)")
@@ -277,5 +279,16 @@ def build_config(
 
 
 def config_from_dict(d: Mapping[str, Any]) -> RunConfig:
-    """Rebuild a :class:`RunConfig` from :meth:`RunConfig.to_dict` output (a run's config.yaml)."""
-    return build_config(overrides=dict(d))
+    """Rebuild a :class:`RunConfig` from :meth:`RunConfig.to_dict` output (a run's config.yaml).
+    Keys added to mbrec after the file was written take the value that reproduces how that run
+    was trained (:data:`ADDED_KEYS`), not today's model defaults."""
+    d = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in d.items()}
+    for section, key, value in ADDED_KEYS:
+        if isinstance(d.get(section), dict):
+            d[section].setdefault(key, value)
+    return build_config(overrides=d)
+
+
+#: (section, key, value) of settings added after run folders existed, with the value under which
+#: older runs trained (``train.min_epochs``: there was no minimum)
+ADDED_KEYS: tuple[tuple[str, str, Any], ...] = (("train", "min_epochs", 0),)

@@ -153,6 +153,24 @@ def _fmt_terms(terms: Mapping[str, float]) -> str:
     return " ".join(f"{k} {v:.4f}" for k, v in terms.items())
 
 
+LN2 = math.log(2.0)
+#: epochs a pairwise loss term must sit within :data:`LN2_TOL` of ln 2 before the trainer warns
+LN2_EPOCHS = 3
+LN2_TOL = 0.01
+#: loss terms that are pairwise (BPR-type): ln 2 is their value when scores stop separating
+PAIRWISE_PREFIXES = ("bpr", "pme")
+
+
+def at_ln2(history: list[Mapping[str, Any]], epochs: int = LN2_EPOCHS, tol: float = LN2_TOL) -> set[str]:
+    """The pairwise loss terms (names starting with :data:`PAIRWISE_PREFIXES`) within ``tol`` of
+    ln 2 in each of the last ``epochs`` entries of ``history`` (per-epoch mean loss terms)."""
+    if len(history) < epochs:
+        return set()
+    last = history[-epochs:]
+    names = {k for k in last[-1] if k.startswith(PAIRWISE_PREFIXES)}
+    return {k for k in names if all(isinstance(h.get(k), (int, float)) and abs(h[k] - LN2) <= tol for h in last)}
+
+
 @dataclass
 class TrainState:
     """Everything about a run's progress that ``last.pt`` must carry for an exact resume."""
@@ -200,6 +218,8 @@ class Trainer:
         self.data: MultiBehaviorData | None = data
         self.state = TrainState()
         self._reported = False
+        #: loss terms already warned about sitting at ln 2 (one warning each)
+        self._ln2_warned: set[str] = set()
 
     # -- setup ---------------------------------------------------------------------------
     def setup(self, *, resume: bool = False) -> None:
@@ -383,7 +403,19 @@ class Trainer:
             raise NonFiniteError(f"epoch {epoch}: a loss term is not finite {means}; lower train.lr "
                                  f"(now {tc.lr:g})")
         self._warn_if_exploding(epoch, means.get("loss", 0.0))
+        self._warn_if_at_ln2(epoch, means)
         return means, secs
+
+    def _warn_if_at_ln2(self, epoch: int, means: Mapping[str, float]) -> None:
+        """One warning per term when a pairwise (BPR-type) loss term has sat at ln 2 for
+        :data:`LN2_EPOCHS` epochs: that task's scores no longer tell positives from negatives."""
+        recent = [h for h in self.state.history if h.get("epoch", 0) > 0][-(LN2_EPOCHS - 1):] + [dict(means)]
+        for name in at_ln2(recent) - self._ln2_warned:
+            self._ln2_warned.add(name)
+            hint = getattr(self.model, "ln2_hint", "")
+            self.log.warning(f"warning: epoch {epoch}: loss term {name} has stayed at ln 2 = {LN2:.3f} for "
+                             f"{LN2_EPOCHS} epochs: this task's positive and negative scores no longer differ"
+                             + (f"; {hint}" if hint else ""))
 
     def _warn_if_exploding(self, epoch: int, loss: float) -> None:
         """A loss 100x above its lowest epoch so far, or above 1e6, usually means divergence."""
@@ -414,6 +446,8 @@ class Trainer:
 
     def _patience_exhausted(self, epoch: int) -> bool:
         st, patience = self.state, self.cfg.train.patience
+        if epoch < self.cfg.train.min_epochs:
+            return False
         if patience > 0 and st.best_epoch > 0 and epoch - st.best_epoch > patience:
             self.log.info(f"early stop at epoch {epoch}: no improvement since epoch {st.best_epoch}")
             st.stopped = True

@@ -50,6 +50,8 @@ class Model(nn.Module):
     config_class: ClassVar[type[ModelConfig]] = ModelConfig
     #: TrainConfig fields this model's official code uses by default (lr, weight_decay, ...).
     train_defaults: ClassVar[dict[str, Any]] = {}
+    #: appended to the trainer's warning when a pairwise loss term sits at ln 2 (what to do about it)
+    ln2_hint: ClassVar[str] = ""
     #: one-line description for ``mbrec models``.
     summary: ClassVar[str] = ""
 

@@ -135,7 +135,7 @@ class Gate(nn.Module):
 @register("bigel")
 class BiGEL(Model):
     config_class = BiGELConfig
-    train_defaults = {"lr": 1e-3, "weight_decay": 0.0, "epochs": 300, "patience": 20}
+    train_defaults = {"lr": 1e-3, "weight_decay": 0.0, "epochs": 300, "patience": 20, "min_epochs": 50}
     summary = "BiGEL (2026): cascading GCN + gated target feedback + global context + contrastive alignment; ranks every behavior"
 
     def __init__(self, data: MultiBehaviorData, config: BiGELConfig) -> None:

@@ -86,6 +86,7 @@ class CRGCN(Model):
         "weight_decay": 0.0,
         "epochs": 200,
         "patience": 20,
+        "min_epochs": 50,  # no-config runs only: the paper configs set 0
     }
     summary = "CRGCN: cascading residual GCNs with learnable bias, per-behavior BPR summed"
 

@@ -52,7 +52,7 @@ class LightGCNConfig(ModelConfig):
 @register("lightgcn")
 class LightGCN(Model):
     config_class = LightGCNConfig
-    train_defaults = {"lr": 1e-3, "weight_decay": 0.0, "epochs": 400, "patience": 20}
+    train_defaults = {"lr": 1e-3, "weight_decay": 0.0, "epochs": 400, "patience": 20, "min_epochs": 50}
     summary = "LightGCN on the target graph (mode=target), all behaviors merged, or per behavior"
 
     def __init__(self, data: MultiBehaviorData, config: LightGCNConfig) -> None:

@@ -246,6 +246,7 @@ class MBCGCN(Model):
         "patience": 25,
         "eval_every": 5,
         "eval_start": 5,
+        "min_epochs": 50,  # no-config runs only: the paper configs set 0
     }
     summary = "MB-CGCN: LightGCN blocks chained over behaviors with linear transfers, target BPR"
 

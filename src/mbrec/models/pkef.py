@@ -90,6 +90,8 @@ class PKEFConfig(ModelConfig):
 @register("pkef")
 class PKEF(Model):
     config_class = PKEFConfig
+    ln2_hint = ("with PKEF this is usually the shared gate's collapse onto the projection experts (docs/models/pkef.md), "
+                "which recovers after about 4 (Taobao) to 8 (Beibei) epochs: keep train.patience at 0 or at least 12")
     train_defaults = {"lr": 1e-3, "weight_decay": 0.0, "epochs": 100, "patience": 0, "lr_decay": 0.96,
                       "lr_decay_steps": 39}
     summary = "PKEF (CIKM'23): parallel + cascade GCN with projection injection, PME head with projection experts"

@@ -146,7 +146,7 @@ class _NormalizedPropagation(torch.autograd.Function):
 @register("rmbrec")
 class RMBRec(Model):
     config_class = RMBRecConfig
-    train_defaults = {"lr": 1e-3, "weight_decay": 1e-3, "epochs": 200, "patience": 20}
+    train_defaults = {"lr": 1e-3, "weight_decay": 1e-3, "epochs": 200, "patience": 20, "min_epochs": 50}
     summary = "RMBRec (WWW'26): per-behavior encoders, target-anchored contrast (RRM), risk variance (ORM)"
 
     def __init__(self, data: MultiBehaviorData, config: RMBRecConfig) -> None:
