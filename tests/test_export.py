@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -191,7 +192,7 @@ def test_beibei_size_artifact_loads_in_under_two_seconds(tmp_path):
 
 def test_export_refuses_an_edited_config(lgcn, tmp_path):
     run, _ = lgcn
-    copy = _copy_run(run, tmp_path)
+    copy = _copy(run, tmp_path)
     (copy / "config.yaml").write_text((copy / "config.yaml").read_text() + "# edited\n")
     with pytest.raises(MbrecError, match="changed after the run was trained"):
         export_run(copy, tmp_path / "out")
@@ -200,7 +201,7 @@ def test_export_refuses_an_edited_config(lgcn, tmp_path):
 
 def test_export_refuses_data_that_differ_from_the_fingerprint(lgcn, tmp_path):
     run, _ = lgcn
-    copy = _copy_run(run, tmp_path)
+    copy = _copy(run, tmp_path)
     fp = json.loads((copy / "fingerprint.json").read_text())
     fp["data"]["train_sha256"] = "0" * 64
     (copy / "fingerprint.json").write_text(json.dumps(fp))
@@ -210,7 +211,7 @@ def test_export_refuses_data_that_differ_from_the_fingerprint(lgcn, tmp_path):
 
 def test_export_refuses_a_run_without_fingerprint(lgcn, tmp_path, capsys):
     run, _ = lgcn
-    copy = _copy_run(run, tmp_path)
+    copy = _copy(run, tmp_path)
     (copy / "fingerprint.json").unlink()
     assert main(["export", str(copy), str(tmp_path / "out")]) == 2
     assert "records no fingerprint.json" in capsys.readouterr().err
@@ -226,25 +227,16 @@ def test_export_never_overwrites_and_the_cli_reports(lgcn, tmp_path, capsys):
     assert [p.name for p in tmp_path.iterdir()] == ["new"]  # no temporary folder left
 
 
-def _copy_run(run: Path, tmp_path: Path) -> Path:
-    import shutil
-
-    copy = tmp_path / "run"
-    shutil.copytree(run, copy)
-    return copy
-
-
-def _copy_artifact(art: Path, tmp_path: Path) -> Path:
-    import shutil
-
-    copy = tmp_path / "art"
-    shutil.copytree(art, copy)
+def _copy(folder: Path, tmp_path: Path) -> Path:
+    """A copy of a run folder or an artifact to damage in one test."""
+    copy = tmp_path / folder.name
+    shutil.copytree(folder, copy)
     return copy
 
 
 def test_load_refuses_a_changed_file(lgcn, tmp_path):
     _, art = lgcn
-    copy = _copy_artifact(art, tmp_path)
+    copy = _copy(art, tmp_path)
     f = copy / read_manifest(copy)["scorers"]["buy"]["arrays"]["user"]
     data = bytearray(f.read_bytes())
     data[-1] ^= 1
@@ -264,7 +256,7 @@ def test_load_refuses_a_changed_file(lgcn, tmp_path):
 ])
 def test_load_refuses_a_damaged_artifact(lgcn, tmp_path, damage, message):
     _, art = lgcn
-    copy = _copy_artifact(art, tmp_path)
+    copy = _copy(art, tmp_path)
     damage(read_manifest(copy), copy)
     with pytest.raises(ArtifactError, match=message):
         load_artifact(copy)
