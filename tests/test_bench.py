@@ -82,6 +82,8 @@ def test_bench_reports_floor_and_ratio_on_synthetic(model) -> None:
     assert report.ratio == pytest.approx(report.step_s / report.floor_step_s)
     assert report.steps_per_epoch >= 1 and report.peak_mb > 0
     assert "| product |" in report.table() and "floor step s" in report.table()
+    kernels = report.as_dict()["step_kernels"]
+    assert all(k["kernel"] in ("torch", "scipy") and k["width"] > 0 for k in kernels)
 
 
 def test_bench_command_json(capsys) -> None:

@@ -31,7 +31,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from mbrec.graph import SparseGraph
+from mbrec.graph import SparseGraph, kernel_choices
 from mbrec.optim import adam
 
 
@@ -87,6 +87,8 @@ class BenchReport:
     sample_s: float = float("nan")
     peak_mb: float = float("nan")
     clock: str = "wall"
+    #: the kernels the training steps' full products ran on (:func:`mbrec.graph.kernel_choices`)
+    step_kernels: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def floor_step_s(self) -> float:
@@ -103,7 +105,8 @@ class BenchReport:
                 "step_s": self.step_s, "ratio": self.ratio, "floor_epoch_s": self.floor_step_s * self.steps_per_epoch,
                 "epoch_s": self.step_s * self.steps_per_epoch, "sample_s": self.sample_s, "peak_mb": self.peak_mb,
                 "products": [{"name": t.product.name, "forward_s": t.forward_s, "backward_s": t.backward_s,
-                              "kernel": t.kernel} for t in self.products]}
+                              "kernel": t.kernel} for t in self.products],
+                "step_kernels": self.step_kernels}
 
     def table(self) -> str:
         """The report as Markdown: the products, then one summary row."""
@@ -130,6 +133,10 @@ class BenchReport:
                   f"| {self.steps_per_epoch} | {fl:.3f} | {self.step_s:.3f} | {self.ratio:.2f} | "
                   f"{fl * self.steps_per_epoch:.1f} | {self.step_s * self.steps_per_epoch:.1f} | {self.sample_s:.4f} | "
                   f"{self.peak_mb:.0f} |"]
+        if self.step_kernels:
+            lines += ["", "Kernels of the training steps' full products (chosen by measurement, mbrec.graph.full_kernel): "
+                      + "; ".join(f"[{k['shape'][0]:,} x {k['shape'][1]:,}, nnz {k['nnz']:,}] x {k['width']}: {k['kernel']}"
+                                  for k in self.step_kernels)]
         return "\n".join(lines)
 
 
@@ -243,6 +250,7 @@ def bench(cfg: Any, *, steps: int = 10, repeats: int = 5, out: Callable[[str], N
     report = BenchReport(name, data.name, torch.get_num_threads(), str(device),
                          steps_per_epoch(sampler, np.random.default_rng(cfg.seed)), clock=clock)
     first = _time_steps(report, trainable, graphs, sampler, opt, np.random.default_rng(cfg.seed), device, steps, say)
+    report.step_kernels = [{k: v for k, v in c.items() if k != "seconds"} for c in kernel_choices()]
     products = trainable.floor_products(graphs, to_tensors(first, device))
     prng = np.random.default_rng(0)
     for p in products:
