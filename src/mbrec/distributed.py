@@ -157,9 +157,9 @@ def rank_threads(local_world: int, explicit: int | None, env: Mapping[str, str] 
     or ``None`` to keep :func:`mbrec.threads.default_threads`'s choice: an explicit
     ``--threads``, or ``OMP_NUM_THREADS``/``MKL_NUM_THREADS`` when set, wins; a machine holding
     one rank keeps the usual rule; otherwise one thread per rank (torchrun's default too)."""
-    from mbrec.threads import _env_threads
+    from mbrec.threads import env_threads
 
-    if explicit is not None or _env_threads(os.environ if env is None else env) is not None or local_world <= 1:
+    if explicit is not None or env_threads(os.environ if env is None else env) is not None or local_world <= 1:
         return None
     return 1
 
@@ -195,11 +195,11 @@ def launch(nproc: int, argv: list[str]) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
-    from mbrec.threads import _env_threads
+    from mbrec.threads import env_threads
 
     if nproc < 1:
         raise MbrecError(f"--nproc must be at least 1, got {nproc}")
-    if _env_threads(os.environ) is None:
+    if env_threads(os.environ) is None:
         os.environ["OMP_NUM_THREADS"] = "1"
     try:
         run(parse_args(launcher_args(nproc, argv)))

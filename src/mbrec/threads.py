@@ -29,7 +29,7 @@ MAX_THREADS = 8
 THREAD_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
-def _env_threads(env: Mapping[str, str]) -> int | None:
+def env_threads(env: Mapping[str, str]) -> int | None:
     for name in THREAD_ENV_VARS:
         value = env.get(name, "").strip()
         if value.isdigit() and int(value) >= 1:
@@ -77,7 +77,7 @@ def default_threads(
 ) -> int:
     """The default torch thread count (module docstring). ``env``, ``cpus`` and ``load`` default
     to this process's environment, usable CPUs and 1-minute load average (given for tests)."""
-    chosen = _env_threads(os.environ if env is None else env)
+    chosen = env_threads(os.environ if env is None else env)
     if chosen is not None:
         return chosen
     cpus = usable_cpus() if cpus is None else cpus
