@@ -122,6 +122,21 @@ def test_resume_may_raise_the_epoch_cap(run_copy, capsys, dataset) -> None:
     assert main(["evaluate", str(run_copy)]) == 0  # the fingerprint follows the raised cap
 
 
+def test_resume_with_a_config_naming_other_data_keeps_the_runs_data(tmp_path, capsys, dataset) -> None:
+    """A config file's ``data:`` loses to the DATA argument on --resume as it does in a fresh run
+    (a paper config reused on another split resumed on the config's dataset before)."""
+    cfg = tmp_path / "other.yaml"
+    cfg.write_text("model: lightgcn\ndata: crgcn-beibei\ntrain:\n  epochs: 2\n")
+    run = tmp_path / "run"
+    assert main(["train", "lightgcn", str(dataset), "--config", str(cfg), "--epochs", "1", "--out", str(run),
+                 "--quiet"]) == 0
+    assert yaml.safe_load((run / "config.yaml").read_text())["data"] == str(dataset)
+    code, err = run_cli(capsys, "train", "lightgcn", str(dataset), "--config", str(cfg), "--out", str(run),
+                        "--resume", "--epochs", "2", "--quiet")
+    assert code == 0, err
+    assert yaml.safe_load((run / "config.yaml").read_text())["data"] == str(dataset)
+
+
 def test_a_second_writer_is_refused_at_once(run_copy, capsys, dataset) -> None:
     with RunFolder(run_copy).locked():
         code, err = run_cli(capsys, "train", "lightgcn", str(dataset), "--out", str(run_copy), "--resume",

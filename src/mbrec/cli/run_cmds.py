@@ -110,6 +110,7 @@ def _resume_config(args: argparse.Namespace) -> "Any":
     raw = saved.to_dict()
     if args.config:
         raw = deep_merge(raw, read_yaml(args.config))
+        raw["data"] = saved.data  # the DATA argument wins over the file's ``data:``, as in a fresh run
     return config_from_dict(deep_merge(raw, parse_overrides(_overrides(args))))
 
 
