@@ -60,6 +60,13 @@ def _alignment(target: sp.csr_matrix, aux: dict[str, sp.csr_matrix]) -> tuple[di
     return bar, dt
 
 
+def training_bar(data: MultiBehaviorData, behaviors: tuple[str, ...] | list[str] | None = None) -> dict[str, float]:
+    """``BAR(b)`` over the **training** target pairs for each auxiliary behavior in ``behaviors``
+    (default: all), from ``data.train`` only (what a model sees; no held-out pair is read)."""
+    names = [b for b in (data.auxiliary if behaviors is None else behaviors) if b != data.target]
+    return _alignment(_binary(data.train[data.target]), {b: _binary(data.train[b]) for b in names})[0]
+
+
 def _has_rows(m: sp.csr_matrix) -> np.ndarray:
     return np.diff(m.indptr) > 0
 

@@ -32,6 +32,14 @@ Options (official-code behavior is the default; paper forms are opt-in):
   item is not a ranking candidate (a documented deviation; it can only push real items down).
 * Ablations: ``lambda_cl=0`` (w/o RRM), ``lambda_irm=0`` (w/o ORM), ``drop_behaviors``
   (w/o view, w/o cart: the behavior's graph, triplets and negative-exclusion set are removed).
+* Adaptive alignment (not in the paper; :mod:`mbrec.models.alignment`): ``align`` sets each
+  auxiliary behavior's RRM weight, ``RRM = sum_b w_b L_b``: ``uniform`` (default; no weights, the
+  code's sum, bit for bit), ``bar`` (fixed, from the behavior's training BAR: ``align_floor``,
+  ``align_min_weight``) or ``learned`` (``n * softmax`` of learned logits with the entropy
+  regulariser ``align_temperature``; ``align_lr_mult``); ``align_drop_below`` drops auxiliary
+  behaviors whose training BAR is below a threshold (``align_drop_scope``: the whole behavior, or
+  only its RRM term). The weights are logged at start and, unless uniform, as the loss terms
+  ``align_<behavior>`` every epoch. Fusion and ORM are not weighted.
 
 Regularisation as coded: ``reg * sum_b 1/2(|p_u|^2 + |q_i|^2 + |q_j|^2) / batch`` on the
 *propagated* per-behavior rows, plus the trainer's Adam weight decay (1e-3) on every parameter.
@@ -49,7 +57,7 @@ More: ``docs/models/rmbrec.md``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import scipy.sparse as sp
@@ -58,9 +66,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from mbrec.data.container import MultiBehaviorData
+from mbrec.data.stats import training_bar
 from mbrec.errors import ConfigError
 from mbrec.graph import SparseGraph, bipartite, full_product, host_kernels, normalize_sym, scipy_view, spmm, to_device
 from mbrec.losses import BPR_EPS, bpr, info_nce, masked_mean, variance
+from mbrec.models.alignment import (ALIGN_MODES, DROP_SCOPES, bar_weights, below_threshold, describe,
+                                    learned_weights, weight_entropy_penalty)
 from mbrec.models.base import Model, ModelConfig, register
 from mbrec.options import option
 from mbrec.sampling import UserTripletSampler
@@ -87,6 +98,19 @@ class RMBRecConfig(ModelConfig):
     init_std: float = option(0.1, gt=0, doc="standard deviation of the normal initialisation")
     degree_eps: float = option(1e-7, min=0, doc="added to node degrees before D^-1/2 (code: 1e-7)")
     drop_behaviors: list[str] = option([], doc="behaviors removed entirely (ablations w/o view, w/o cart)")
+    align: str = option("uniform", choices=ALIGN_MODES,
+                        doc="RRM weight of each auxiliary behavior: uniform (1 each, RMBRec), bar (from its "
+                            "training BAR: (1-x)*align_min_weight + x, x = clip((BAR-align_floor)/(1-align_floor))), "
+                            "learned (n*softmax of learned logits, regularised by align_temperature)")
+    align_floor: float = option(0.0, min=0, lt=1, doc="align=bar: training BAR at or below which the weight is align_min_weight")
+    align_min_weight: float = option(0.0, min=0, max=1, doc="align=bar: weight at BAR <= align_floor (BAR 1 gets 1)")
+    align_temperature: float = option(1.0, min=0, doc="align=learned: weight of sum_b w_b log w_b (n*KL to uniform); "
+                                                      "optimum w = n*softmax(-L_rrm/temperature); 0 lets the weights collapse")
+    align_lr_mult: float = option(10.0, gt=0, doc="align=learned: logits are mult*theta, so Adam moves them ~mult x lr per step")
+    align_drop_below: float = option(0.0, min=0, max=1, doc="drop auxiliary behaviors whose training BAR is below this (0: none)")
+    align_drop_scope: str = option("behavior", choices=DROP_SCOPES,
+                                   doc="what align_drop_below removes: the whole behavior (graph, triplets, fusion, ORM, as "
+                                       "drop_behaviors) or only its RRM term (encoder kept)")
     #: SciPy's single-threaded CSR kernel plus a last layer on the batch rows only, or torch's CSR
     #: kernel (multi-threaded); same values. Which is faster depends on the machine
     #: (``benchmarks/rmbrec.md``); GPUs always use torch.
@@ -156,8 +180,14 @@ class RMBRec(Model):
             data.behavior_index(b)  # raises a clear error for unknown names
         if data.target in drop:
             raise ConfigError(f"model_args.drop_behaviors cannot drop the target {data.target!r}")
-        self.behaviors = tuple(b for b in data.behaviors if b not in drop)
         self.cfg = config
+        drop = drop + self._plan_alignment(data, drop)
+        self.behaviors = tuple(b for b in data.behaviors if b not in drop)
+        # auxiliary behaviors with an RRM term (the target is last in self.behaviors)
+        aux = self.behaviors[:-1]
+        self.aligned = tuple(b for b in aux if b not in self.align_dropped)
+        self.register_buffer("_aligned_idx", None if len(self.aligned) == len(aux) else torch.tensor(
+            [aux.index(b) for b in self.aligned], dtype=torch.long), persistent=False)
         self.pad = 1 if config.padding == "faithful" else 0
         # padding rows (faithful) are the last user row and the last item row
         self.n_u = self.n_users + self.pad
@@ -166,9 +196,61 @@ class RMBRec(Model):
         self.user_emb = nn.Parameter(torch.randn(self.n_u, d) * config.init_std)
         self.item_emb = nn.Parameter(torch.randn(self.n_i, d) * config.init_std)
         self.irm_w = nn.Parameter(torch.ones(())) if config.orm == "irm_v1_paper" else None
+        self._init_alignment()
         #: fused normalise-and-propagate layers (same values and gradients; not twice
         #: differentiable, so off for ``irm_v2_code``, which differentiates gradients)
         self.fused_layers = config.orm != "irm_v2_code"
+
+    # -- alignment weights (model_args.align*) -------------------------------------------------
+    def _plan_alignment(self, data: MultiBehaviorData, drop: list[str]) -> list[str]:
+        """Set ``align_bar`` (the training BAR of the auxiliary behaviors left after
+        ``drop_behaviors``, when a weight or a drop uses it; recomputed from ``data.train``, never
+        state) and ``align_dropped`` (those below ``align_drop_below``); return the behaviors to
+        remove entirely (``align_drop_scope: behavior``)."""
+        cfg = self.cfg
+        kept = [b for b in data.auxiliary if b not in drop]
+        uses_bar = cfg.align == "bar" or cfg.align_drop_below > 0
+        self.align_bar: dict[str, float] | None = training_bar(data, kept) if uses_bar else None
+        bar = self.align_bar or {}
+        self.align_dropped = {b: bar[b] for b in below_threshold(bar, cfg.align_drop_below)}
+        return list(self.align_dropped) if cfg.align_drop_scope == "behavior" else []
+
+    def _init_alignment(self) -> None:
+        """The fixed BAR weights (a non-persistent buffer: recomputed from the data, never saved)
+        or the learned logits (a parameter, zeros: every weight starts at 1)."""
+        cfg = self.cfg
+        self.align_logits = None
+        if cfg.align == "bar":
+            assert self.align_bar is not None
+            w = bar_weights({b: self.align_bar[b] for b in self.aligned}, cfg.align_floor, cfg.align_min_weight)
+            self.register_buffer("align_fixed", torch.tensor([w[b] for b in self.aligned], dtype=torch.float32),
+                                 persistent=False)
+        elif cfg.align == "learned" and self.aligned:
+            self.align_logits = nn.Parameter(torch.zeros(len(self.aligned)))
+
+    def align_weights(self) -> torch.Tensor | None:
+        """``w_b`` per aligned auxiliary behavior (``self.aligned`` order); ``None`` for
+        ``align: uniform`` (every weight 1, RMBRec's plain sum)."""
+        if self.cfg.align == "bar":
+            return self.align_fixed
+        if self.align_logits is not None:
+            return learned_weights(self.align_logits, self.cfg.align_lr_mult)
+        return None
+
+    def on_train_start(self, data: MultiBehaviorData, graphs: Any, device: torch.device,
+                       log: Callable[[str], None] | None = None) -> None:
+        """Log each auxiliary behavior's training BAR next to its starting alignment weight."""
+        if log is None:
+            return
+        cfg = self.cfg
+        bar = self.align_bar if self.align_bar is not None else training_bar(data, self.aligned)
+        w = self.align_weights()
+        weights = {b: (1.0 if w is None else float(w[k].detach())) for k, b in enumerate(self.aligned)}
+        extra = {"uniform": "weight 1 each",
+                 "bar": f"floor {cfg.align_floor:g}, min weight {cfg.align_min_weight:g}",
+                 "learned": f"start 1 each, temperature {cfg.align_temperature:g}, lr mult {cfg.align_lr_mult:g}; "
+                            "per-epoch means are the align_<behavior> loss terms"}[cfg.align]
+        log(describe(cfg.align, bar, weights, self.align_dropped, cfg.align_drop_scope, cfg.align_drop_below, extra))
 
     # -- graphs and sampling ----------------------------------------------------------------
     def build_graphs(self, data: MultiBehaviorData, device: torch.device) -> list[BehaviorGraph]:
@@ -273,14 +355,22 @@ class RMBRec(Model):
 
         terms = {"main": main, "reg": reg}
         total = main + cfg.reg * reg
-        if cfg.lambda_cl != 0 and n_b > 1:
-            terms["rrm"] = self._rrm(H, ut if mt is None else ut[mt])
+        w = self.align_weights()
+        if cfg.lambda_cl != 0 and self.aligned:
+            terms["rrm"] = self._rrm(H, ut if mt is None else ut[mt], w)
             total = total + cfg.lambda_cl * terms["rrm"]
+            if self.align_logits is not None and cfg.align_temperature != 0:
+                assert w is not None
+                terms["align_reg"] = weight_entropy_penalty(w)
+                total = total + cfg.lambda_cl * cfg.align_temperature * terms["align_reg"]
         if cfg.lambda_irm != 0 and n_b > 1:
             terms["orm"] = self._orm(risks, diffs, mask)
             total = total + cfg.lambda_irm * terms["orm"]
         for k, b in enumerate(self.behaviors):
             terms[f"bpr_{b}"] = risks[k].detach()
+        if w is not None:  # the alignment weights, logged per epoch next to the BARs
+            for k, b in enumerate(self.aligned):
+                terms[f"align_{b}"] = w[k].detach()
         terms["loss"] = total
         return terms
 
@@ -297,16 +387,22 @@ class RMBRec(Model):
         return [SparseProduct(f"{b} layer {n + 1}", g.sparse, d, rows=n_rows if n == L - 1 else None)
                 for b, g in zip(self.behaviors, graphs) for n in range(L)]
 
-    def _rrm(self, H: list[torch.Tensor], users: torch.Tensor) -> torch.Tensor:
+    def _rrm(self, H: list[torch.Tensor], users: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
+        """RRM over the aligned auxiliary views; ``w`` (one weight per view) weights each view's
+        term, ``None`` is RMBRec's unweighted sum (official) or mean (paper)."""
         users = torch.unique(users)
         P = F.normalize(torch.stack([h[users] for h in H]), dim=-1)  # [n_b, n, d] unique batch users
         anchor, views = P[-1], P[:-1]
+        if self._aligned_idx is not None:  # align_drop_scope: rrm removed some views
+            views = views[self._aligned_idx]
         if self.cfg.rrm == "official":
             # per auxiliary view: S = a c^T / tau, 1/2 [CE(S) + CE(S^T)], summed over views
-            return info_nce(anchor, views, self.cfg.tau, symmetric=True, normalize=False).sum()
+            per_view = info_nce(anchor, views, self.cfg.tau, symmetric=True, normalize=False)
+            return per_view.sum() if w is None else (w * per_view).sum()
         # Eq. 3 per auxiliary view: anchor c_u (auxiliary), positive a_u (target), negatives c_u'
         # (same auxiliary view, other users), positive in the denominator; mean over views
-        return info_nce(views, anchor, self.cfg.tau, negatives="query", normalize=False).mean()
+        per_view = info_nce(views, anchor, self.cfg.tau, negatives="query", normalize=False)
+        return per_view.mean() if w is None else (w * per_view).sum() / per_view.numel()
 
     def _orm(self, risks: list[torch.Tensor], diffs: list[torch.Tensor], mask: torch.Tensor | None) -> torch.Tensor:
         orm = self.cfg.orm
