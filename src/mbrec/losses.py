@@ -94,11 +94,12 @@ class _Workspace:
 _WORKSPACE = _Workspace()
 
 
-def _shifted_exp(q: torch.Tensor, c: torch.Tensor, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``out = exp(q c^T - top)`` and ``top [n, 1]``, in two passes over ``out``: the GEMM with the
-    shift folded in, then ``exp``. ``top_i = |q_i| max_j |c_j|`` bounds row i's logits
-    (Cauchy-Schwarz), so nothing overflows; a row whose largest logit lies so far below its bound
-    that every term underflows is recomputed with its true maximum (a third pass, rare)."""
+def _shifted_exp(q: torch.Tensor, c: torch.Tensor, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``out = exp(q c^T - top)``, ``top [n, 1]`` and the row sums ``total [n, 1]`` of ``out``, in
+    three passes over ``out``: the GEMM with the shift folded in, ``exp``, the row sums.
+    ``top_i = |q_i| max_j |c_j|`` bounds row i's logits (Cauchy-Schwarz), so nothing overflows; a
+    row whose largest logit lies so far below its bound that every term underflows is recomputed
+    with its true maximum (a fourth pass over those rows only, rare)."""
     top = (q.norm(dim=1) * c.norm(dim=1).max()).unsqueeze(1)
     torch.addmm(-top, q, c.T, out=out).exp_()
     total = out.sum(dim=1, keepdim=True)
@@ -108,22 +109,24 @@ def _shifted_exp(q: torch.Tensor, c: torch.Tensor, out: torch.Tensor) -> tuple[t
         logits = q[rows] @ c.T
         top[rows] = logits.max(dim=1, keepdim=True).values
         out[rows] = (logits - top[rows]).exp_()
-    return out, top
+        total[rows] = out[rows].sum(dim=1, keepdim=True)
+    return out, top, total
 
 
 class _TableLogSumExp(torch.autograd.Function):
     """``logsumexp(q c^T, dim=1)`` for a batch ``q [n, d]`` against a whole table ``c [m, d]``
     (contrastive losses with every user or item as a negative), in one ``[n, m]`` buffer reused
     across steps (:class:`_Workspace`): forward = one GEMM (row shift folded in) and two passes
-    (``exp``, row sums); backward = one in-place pass and two GEMMs (``dq = P c``,
-    ``dc = P^T q`` with ``P`` the row softmax times the incoming gradient). Autograd through
-    ``torch.logsumexp(q @ c.T)`` allocates and walks the ``[n, m]`` matrix several times more;
-    the values agree up to float rounding. One backward per forward (no ``retain_graph``)."""
+    (``exp``, row sums); backward = two GEMMs and no pass over the buffer: with ``E`` the shifted
+    exponentials and ``s = g / rowsum(E)``, ``dq = diag(s) (E c)`` and ``dc = E^T (diag(s) q)``,
+    so the per-row scale is applied to the ``[n, d]`` operands, not the ``[n, m]`` matrix.
+    Autograd through ``torch.logsumexp(q @ c.T)`` allocates and walks the ``[n, m]`` matrix several
+    times more; the values agree up to float rounding. One backward per forward (no
+    ``retain_graph``)."""
 
     @staticmethod
     def forward(ctx, q: torch.Tensor, c: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        e, top = _shifted_exp(q, c, _WORKSPACE.take(q.shape[0], c.shape[0], q))
-        total = e.sum(dim=1, keepdim=True)
+        e, top, total = _shifted_exp(q, c, _WORKSPACE.take(q.shape[0], c.shape[0], q))
         ctx.save_for_backward(q, c, total)
         ctx.e = e
         return (total.log() + top).squeeze(1)
@@ -135,9 +138,9 @@ class _TableLogSumExp(torch.autograd.Function):
         if e is None:
             raise RuntimeError("table_logsumexp supports one backward per forward (no retain_graph)")
         ctx.e = None
-        p = e.mul_(g.unsqueeze(1) / total)  # the softmax times g, in place
-        gq = p @ c if ctx.needs_input_grad[0] else None
-        gc = p.T @ q if ctx.needs_input_grad[1] else None
+        scale = g.unsqueeze(1) / total  # [n, 1]: softmax normaliser times the incoming gradient
+        gq = (e @ c).mul_(scale) if ctx.needs_input_grad[0] else None
+        gc = e.T @ (q * scale) if ctx.needs_input_grad[1] else None
         _WORKSPACE.give(e)
         return gq, gc
 
