@@ -132,6 +132,31 @@ def test_fitting_expert_by_hand() -> None:
             np.testing.assert_allclose(fit[(k, j)].detach().numpy(), 0.1 * total, rtol=1e-5, atol=1e-8)
 
 
+def test_fitting_experts_at_rows_equal_all_nodes_then_rows() -> None:
+    """The training path (last layer at the rows the loss reads, the column scale r applied after
+    the product) gives the rows of the all-node experts, in values and in gradients."""
+    data = small()
+    m, g = _model(data, mtl_layers=[2, 1, 1])
+    n = m.n_users + m.n_items
+    rows = {k: torch.tensor(sorted({0, 2, n - 1, k + 1}), dtype=torch.long) for k in range(3)}
+    weights = torch.randn(n, 4, generator=torch.Generator().manual_seed(1))
+
+    def run(compact: bool) -> tuple[dict, list]:
+        m.zero_grad()
+        fit = m.fitting_experts(g, m.encode(g), rows=rows if compact else None)
+        fit = fit if compact else {kj: x[rows[kj[0]]] for kj, x in fit.items()}
+        sum((x * weights[rows[kj[0]]] * (1 + kj[1])).sum() for kj, x in fit.items()).backward()
+        return fit, [p.grad.clone() for p in m.parameters() if p.grad is not None]
+
+    full, g_full = run(False)
+    part, g_part = run(True)
+    for kj in full:
+        torch.testing.assert_close(part[kj], full[kj], rtol=1e-5, atol=1e-7)
+    assert len(g_full) == len(g_part)
+    for a, b in zip(g_part, g_full):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
 def test_gate_own_expert_and_tower_by_hand() -> None:
     data = small()
     m, g = _model(data, tower="sum300")

@@ -290,7 +290,8 @@ class BiGEL(Model):
     def encode_rows(self, graphs: Mapping[str, Any], sets: Mapping[str, Any]) -> dict[str, Any]:
         """:meth:`encode` at the rows of :meth:`row_sets` only: ``aux`` ({behavior: its enhanced
         embedding at ``sets["aux"][k]``}), ``target`` (at ``sets["target"]``), ``glob`` (at
-        ``sets["glob"]``, or all nodes when that is ``None``; ``None`` without a global graph)."""
+        ``sets["glob"]``, or all nodes when that is ``None``; ``None`` without a global graph) and
+        ``ego`` (the stacked ``[P; Q]`` they start from)."""
         c, n = self.config, self.n_users
         T, G = sets["target"], sets["glob"]
         ego = self._ego()
@@ -323,7 +324,7 @@ class BiGEL(Model):
             aux[b] = e
             if c.cgf_source == "chain":
                 source = e  # the same rows: every auxiliary uses the union with "chain"
-        return {"aux": aux, "target": target, "glob": glob}
+        return {"aux": aux, "target": target, "glob": glob, "ego": ego}
 
     def forward(self, graphs: Mapping[str, Any]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:  # type: ignore[override]
         final = self.encode(graphs)["final"]
@@ -396,8 +397,9 @@ class BiGEL(Model):
             u, i, j = (e[torch.searchsorted(rows, ids)] for ids in (Uk, n + Pk, n + Nk))
             terms[f"bpr_{b}"] = bpr((u * i).sum(-1), (u * j).sum(-1), form=c.bpr_form)
             total = total + self.task_weights[b] * terms[f"bpr_{b}"]
-            if c.reg_scope == "batch":
-                reg = reg + 0.5 * l2(self.user_emb[Uk], self.item_emb[Pk], self.item_emb[Nk]) / len(Uk)
+            if c.reg_scope == "batch":  # one gather of the ego rows (one scatter in the backward)
+                ego_rows = enc["ego"][torch.cat([Uk, n + Pk, n + Nk])]
+                reg = reg + 0.5 * l2(*ego_rows.tensor_split(3)) / len(Uk)
         if c.reg_scope == "all":
             reg = l2(*self.parameters())
         terms["reg"] = c.reg * reg

@@ -106,6 +106,13 @@ class COPFConfig(ModelConfig):
     variant: str = option("full", choices=tuple(VARIANTS), doc="Table 3 row (module docstring)")
 
 
+def _mix(e_j: torch.Tensor, e_k: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
+    """``(alpha e_j + beta e_k) / 2`` in two passes (an add with a factor, an in-place scale)."""
+    if alpha == 0:
+        return (0.5 * beta) * e_k
+    return torch.add(e_j, e_k, alpha=beta / alpha).mul_(0.5 * alpha)
+
+
 @register("copf")
 class COPF(Model):
     config_class = COPFConfig
@@ -172,7 +179,10 @@ class COPF(Model):
             for _ in range(self.layers[k]):
                 h = g @ h if self.spec["encoder"] == "lightgcn" else g @ h + h
                 hs.append(h)
-            outs.append(torch.stack(hs).mean(0) if self.spec["encoder"] == "lightgcn" else torch.stack(hs).sum(0))
+            total = hs[0]
+            for x in hs[1:]:  # in layer order, without stacking the layers into one [L+1, N, d] copy
+                total = total + x
+            outs.append(total / len(hs) if self.spec["encoder"] == "lightgcn" else total)
             inp = h if self.spec["pre"] == "strict" else h + inp
         return outs
 
@@ -189,18 +199,22 @@ class COPF(Model):
         out: dict[tuple[int, int], torch.Tensor] = {}
         for k in range(K) if tasks is None else tasks:
             others = [j for j in range(K) if j != k]
-            f = torch.cat([0.5 * (c.alpha * e[j] + c.beta * e[k]) for j in others], 1)  # [N, (K-1)d]
+            # F0 = (alpha e^j + beta e^k) / 2 as 0.5 alpha (e^j + (beta / alpha) e^k): two passes per expert
+            f = torch.cat([_mix(e[j], e[k], c.alpha, c.beta) for j in others], 1)  # [N, (K-1)d]
             r, total = self.beh_emb[k], f
             S = None if rows is None else rows.get(k)
             L = self.mtl_layers[k]
             for layer in range(L):
                 if layer > 0:
                     r = r @ self.mtl_w[layer - 1]
+                rr = r.repeat(len(others))
                 if S is not None and layer == L - 1:  # only the rows the loss reads
+                    # A (F * r) = (A F) * r (r scales columns): the scale runs on the read rows only
                     f_S = f[S]
-                    total = (f_S if total is f else total[S]) + propagate(graphs["own"][k], f * r.repeat(len(others)), S) + f_S
+                    base = 2.0 * f_S if total is f else total[S] + f_S
+                    total = torch.addcmul(base, propagate(graphs["own"][k], f, S), rr)
                     break
-                f = propagate(graphs["own"][k], f * r.repeat(len(others))) + f
+                f = propagate(graphs["own"][k], f * rr) + f
                 total = total + f
             else:
                 if S is not None:
