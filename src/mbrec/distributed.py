@@ -17,7 +17,10 @@ per rank. How they cooperate (``docs/distributed.md`` has the full account):
   explicit all-reduce of ``.grad``). For a loss that is a mean over the batch's rows the
   result is the gradient of the global batch, so N ranks take the steps one process takes
   (float rounding aside). Every rank then applies the same Adam step to the same gradients;
-  the replicas stay identical.
+  the replicas stay identical. A term built from the whole batch at once (RMBRec's contrast
+  among the batch's users, the variance of its per-behavior means) is computed on every rank
+  from every rank's rows inside :meth:`Parallel.sharing` with :mod:`mbrec.collectives`, whose
+  backward scales the rank's own part by ``1 / weight``: the sum is again the batch's gradient.
 * **Rank 0 alone** writes the run folder, logs, evaluates, selects and saves checkpoints; the
   others receive its early-stopping decision (:meth:`Parallel.stop_together`) and, at the end,
   its metrics. On ``--resume`` rank 0 reads ``last.pt`` and broadcasts it.
@@ -28,6 +31,7 @@ GPU go through NCCL, CPU tensors and objects through gloo), chosen in :func:`bac
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import json
@@ -376,6 +380,18 @@ class Parallel:
     def shard(self, batch: Mapping[str, Any], axis: int = 0) -> tuple[dict[str, np.ndarray], float]:
         """This rank's share of a global batch and its weight (:func:`shard_batch`)."""
         return shard_batch(batch, self.rank, self.world, axis)
+
+    def sharing(self, weight: float) -> contextlib.AbstractContextManager[Any]:
+        """The block in which this rank computes its loss on a part of weight ``weight`` of a
+        global batch: inside it a model may compute whole-batch terms with
+        :mod:`mbrec.collectives` (every rank enters it, and must call the same collectives). With
+        one rank it does nothing: that rank's part is the batch, and the model keeps its
+        one-process code (no collective, the same numbers)."""
+        from mbrec import collectives
+
+        if self.world == 1:
+            return contextlib.nullcontext()
+        return collectives.sharing(self.rank, self.world, weight)
 
     def reduce_gradients(self, params: Iterable[torch.nn.Parameter], weight: float) -> None:
         """``grad <- sum over ranks of weight_r * grad_r`` on every rank, in place.

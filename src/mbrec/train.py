@@ -75,13 +75,16 @@ def parallel_step(
     *, axis: int = 0, grad_clip: float = 0.0
 ) -> dict[str, torch.Tensor]:
     """:func:`train_step` of one rank in data-parallel training: the loss on this rank's share of
-    the global ``batch`` (:meth:`Parallel.shard`; a rank without rows skips it), gradients
+    the global ``batch`` (:meth:`Parallel.shard`; a rank without rows skips it, unless the model's
+    ``collective_loss`` says its loss calls :mod:`mbrec.collectives`), gradients
     summed over the ranks weighted by their shares (:meth:`Parallel.reduce_gradients`), then
     clipping (on the summed gradient) and the optimizer step, as in one process. Returns the
     loss terms times this rank's weight: summed over the ranks they are the global batch's terms
     (exactly so for terms that are means over the batch's rows)."""
     local, weight = parallel.shard(batch, axis)
-    terms = model.loss(graphs, to_tensors(local, device)) if weight > 0 else {}
+    with parallel.sharing(weight):  # whole-batch terms through mbrec.collectives (every rank joins)
+        runs = weight > 0 or getattr(model, "collective_loss", False)
+        terms = model.loss(graphs, to_tensors(local, device)) if runs else {}
     opt.zero_grad(set_to_none=True)
     if terms:
         terms["loss"].backward()

@@ -44,6 +44,12 @@ Options (official-code behavior is the default; paper forms are opt-in):
 Regularisation as coded: ``reg * sum_b 1/2(|p_u|^2 + |q_i|^2 + |q_j|^2) / batch`` on the
 *propagated* per-behavior rows, plus the trainer's Adam weight decay (1e-3) on every parameter.
 
+Data-parallel training (``docs/distributed.md``): RRM, ORM and the BPR means are whole-batch
+terms, so under ``torchrun``/``--nproc`` every rank computes them over the *global* batch with
+:mod:`mbrec.collectives` (the distinct users of every rank's part; all-reduced per-behavior sums
+and counts), which scales the gradient of the rank's own rows so that the ranks' summed gradient
+is one process's. Exact for every option but ``orm: irm_v2_code``. One process never calls them.
+
 Speed (same values as the plain path, tested): the official layer ``rownorm(A x)`` is one
 autograd function with a fused backward, and the last layer is computed only for the rows the
 batch reads (``A[S] x`` forward, ``A[S]^T g`` backward). ``cpu_kernel: auto`` (the default)
@@ -65,6 +71,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mbrec import collectives
 from mbrec.data.container import MultiBehaviorData
 from mbrec.data.stats import training_bar
 from mbrec.errors import ConfigError
@@ -172,6 +179,10 @@ class RMBRec(Model):
     config_class = RMBRecConfig
     train_defaults = {"lr": 1e-3, "weight_decay": 1e-3, "epochs": 200, "patience": 20, "min_epochs": 50}
     summary = "RMBRec (WWW'26): per-behavior encoders, target-anchored contrast (RRM), risk variance (ORM)"
+    #: the loss calls :mod:`mbrec.collectives` in data-parallel training (the contrast, the BPR
+    #: means and ORM's variance over the global batch), so every rank computes it in every step,
+    #: even one whose part of a small batch is empty (:func:`mbrec.train.parallel_step`)
+    collective_loss = True
 
     def __init__(self, data: MultiBehaviorData, config: RMBRecConfig) -> None:
         super().__init__(data, config)
@@ -337,27 +348,35 @@ class RMBRec(Model):
         rows, pos_in_rows = torch.unique(torch.stack([u, i, j]), return_inverse=True)
         H = self.propagate(graphs, rows)
         u, i, j = pos_in_rows.unbind(0)
-        risks, diffs, reg = [], [], torch.zeros((), device=H[0].device)
+        # data-parallel training: the BPR means over the global batch (mbrec.collectives), below
+        shared = collectives.active() is not None
+        risks, diffs, scores, reg = [], [], [], torch.zeros((), device=H[0].device)
         for k, h in enumerate(H):  # per-behavior BPR risks (they enter through ORM only) and reg
             pu, qi, qj = h[u[k]], h[i[k]], h[j[k]]
             pos, neg = (pu * qi).sum(-1), (pu * qj).sum(-1)
             mk = None if mask is None else mask[k]
-            risks.append(bpr(pos, neg, form="log_eps", mask=mk))
+            if shared:
+                scores.append((pos, neg))
+            else:
+                risks.append(bpr(pos, neg, form="log_eps", mask=mk))
             diffs.append(pos - neg)
             sq = pu.pow(2).sum(-1) + qi.pow(2).sum(-1) + qj.pow(2).sum(-1)
-            reg = reg + 0.5 * (sq if mk is None else sq * mk).sum() / bsz
+            reg = reg + 0.5 * (sq if mk is None else sq * mk).sum() / max(bsz, 1)  # 0 rows: a rank's empty part
 
         # fused target BPR on the target-behavior triplets
         ut, it, jt = u[-1], i[-1], j[-1]
         zu, zi, zj = (sum(h[r] for h in H) / n_b for r in (ut, it, jt))  # fused rows only
         mt = None if mask is None else mask[-1]
-        main = bpr((zu * zi).sum(-1), (zu * zj).sum(-1), form="log_eps", mask=mt)
+        if shared:
+            *risks, main = self._global_bpr_means(scores + [((zu * zi).sum(-1), (zu * zj).sum(-1))], mask)
+        else:
+            main = bpr((zu * zi).sum(-1), (zu * zj).sum(-1), form="log_eps", mask=mt)
 
         terms = {"main": main, "reg": reg}
         total = main + cfg.reg * reg
         w = self.align_weights()
         if cfg.lambda_cl != 0 and self.aligned:
-            terms["rrm"] = self._rrm(H, ut if mt is None else ut[mt], w)
+            terms["rrm"] = self._rrm(H, ut if mt is None else ut[mt], w, node_ids=rows)
             total = total + cfg.lambda_cl * terms["rrm"]
             if self.align_logits is not None and cfg.align_temperature != 0:
                 assert w is not None
@@ -387,11 +406,35 @@ class RMBRec(Model):
         return [SparseProduct(f"{b} layer {n + 1}", g.sparse, d, rows=n_rows if n == L - 1 else None)
                 for b, g in zip(self.behaviors, graphs) for n in range(L)]
 
-    def _rrm(self, H: list[torch.Tensor], users: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
+    @staticmethod
+    def _global_bpr_means(scores: list[tuple[torch.Tensor, torch.Tensor]],
+                          mask: torch.Tensor | None) -> list[torch.Tensor]:
+        """Data-parallel training: the BPR mean of each ``(pos, neg)`` over the rows of the
+        *global* batch (``mask``: valid rows only; the last pair, the fused target BPR, takes the
+        target's), the same value on every rank (:func:`mbrec.collectives.global_mean`): ORM's
+        variance must see the batch's risks, not a rank's."""
+        rows = torch.stack([bpr(p, q, form="log_eps", reduction="none") for p, q in scores])
+        masks = None if mask is None else torch.cat([mask, mask[-1:]])
+        return list(collectives.global_mean(rows, masks).unbind(0))
+
+    def _mean(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """:func:`masked_mean` along the batch's rows (last dimension); over the global batch in
+        data-parallel training."""
+        return masked_mean(x, mask) if collectives.active() is None else collectives.global_mean(x, mask)
+
+    def _rrm(self, H: list[torch.Tensor], users: torch.Tensor, w: torch.Tensor | None = None,
+             node_ids: torch.Tensor | None = None) -> torch.Tensor:
         """RRM over the aligned auxiliary views; ``w`` (one weight per view) weights each view's
-        term, ``None`` is RMBRec's unweighted sum (official) or mean (paper)."""
+        term, ``None`` is RMBRec's unweighted sum (official) or mean (paper). ``users`` index the
+        rows of ``H``, whose node ids are ``node_ids`` (needed in data-parallel training only:
+        there the contrast runs over the distinct users of the global batch, every rank's, each
+        once, in node order as in one process; :func:`mbrec.collectives.gather_unique`)."""
         users = torch.unique(users)
         P = F.normalize(torch.stack([h[users] for h in H]), dim=-1)  # [n_b, n, d] unique batch users
+        if collectives.active() is not None:
+            if node_ids is None:
+                raise ValueError("RMBRec._rrm needs the rows' node ids in data-parallel training")
+            P = collectives.gather_unique(node_ids[users], P, dim=1)[1]
         anchor, views = P[-1], P[:-1]
         if self._aligned_idx is not None:  # align_drop_scope: rrm removed some views
             views = views[self._aligned_idx]
@@ -419,7 +462,7 @@ class RMBRec(Model):
             return variance(torch.stack(grads)).mean()
         w = self.irm_w if orm == "irm_v1_paper" else 1.0
         g = torch.stack(diffs)
-        return masked_mean(bpr_dw(g, w), mask).pow(2).sum()
+        return self._mean(bpr_dw(g, w), mask).pow(2).sum()
 
     @property
     def scored_behaviors(self) -> tuple[str, ...]:
