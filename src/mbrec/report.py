@@ -6,11 +6,15 @@ from typing import Any, Mapping
 
 
 def metrics_table(metrics: Mapping[str, Any], splits: tuple[str, ...] = ("valid", "test")) -> str:
-    """A fixed-width table of ``metrics["valid"]`` / ``metrics["test"]`` per behavior."""
+    """A fixed-width table of ``metrics["valid"]`` / ``metrics["test"]`` per behavior, followed by
+    the most-popular baseline's rows on the same splits when ``metrics`` has them."""
     rows: list[tuple[str, str, Mapping[str, float]]] = []
     for split in splits:
         for behavior, vals in (metrics.get(split) or {}).items():
             rows.append((split, behavior, vals))
+    for split in splits:
+        for behavior, vals in ((metrics.get("most_popular") or {}).get(split) or {}).items():
+            rows.append((f"{split} (most-popular)", behavior, vals))
     if not rows:
         return "(no metrics)"
     names = [k for k in rows[0][2] if k != "n_users"]

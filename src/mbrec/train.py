@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterable, Mapping
 import numpy as np
 import torch
 
+from mbrec.baselines import popular_metrics
 from mbrec.config import RunConfig
 from mbrec.data.container import MultiBehaviorData
 from mbrec.distributed import Parallel, batch_axis, param_digest, replica_digest, silent_logger
@@ -570,6 +571,8 @@ class Trainer:
         t0 = time.perf_counter()
         valid, test, best_epochs = self._final_metrics()
         metrics = self._metrics_record(valid, test, best_epochs, wall_seconds, time.perf_counter() - t0)
+        metrics["most_popular"] = popular_metrics(self.data, p, behaviors=tuple(test), device=self.device,
+                                                  memory_mb=self.cfg.train.eval_memory_mb)
         self.folder.write_metrics(metrics)
         if p.select_behavior == "each" and st.best_tasks:
             self.log.info("best epochs per task " + ", ".join(f"{b} {e}" for b, e in best_epochs.items())
@@ -579,6 +582,9 @@ class Trainer:
         if valid:
             self.log.info(_fmt_metrics("valid", valid))
         self.log.info(_fmt_metrics("test", test))
+        popular = metrics["most_popular"]
+        self.log.info("most-popular, same split and protocol: "
+                      + " | ".join(_fmt_metrics(s, m) for s, m in popular.items() if m))
         self.log.info(f"run folder: {self.out}")
         close_logger(self.log)
         return metrics
