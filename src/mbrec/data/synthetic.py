@@ -8,7 +8,9 @@ Behavior model (all draws from ``numpy.random.default_rng(seed)``):
    ``preference_strength * a + bias``.
 2. **Views.** User ``u`` views ``n_u = max(min_target + 2, Poisson(views_per_user))`` items
    (capped at half the items), drawn without replacement with probability ∝ ``exp(score)``
-   (Gumbel top-k). A share ``view_noise`` of each user's views is replaced by items drawn
+   (Gumbel top-k over all items; with ``candidates = C > 0``, over ``C`` items per user drawn
+   with probability ∝ ``exp(bias)``, re-ranked by Gumbel top-k of the affinity term: an
+   approximation whose cost is linear in users instead of users x items). A share ``view_noise`` of each user's views is replaced by items drawn
    uniformly at random: **auxiliary noise** unrelated to preference.
 3. **Funnel.** Each view becomes a cart with probability ``sigmoid(logit(p_cart) +
    funnel_effect * a)``; each cart becomes a buy with ``sigmoid(logit(p_buy_cart) +
@@ -43,6 +45,7 @@ from mbrec.errors import DataError
 
 BEHAVIORS = ("view", "cart", "buy")
 CHUNK = 2048  # users per generation chunk (bounds memory; part of the generator's definition)
+PAIR_CHUNK = 1 << 20  # view pairs per affinity chunk (bounds memory; does not change the data)
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,9 @@ class SyntheticConfig:
     funnel_effect: float = 1.0  #: affinity's effect on the funnel logits (per std)
     direct_buy: float = 0.1  #: target share of buys with no auxiliary behavior (about DT)
     min_target: int = 3  #: minimum buys per user (before held-out splitting)
+    #: 0: views drawn over all items (exact; time users x items); C > 0: over C popularity-drawn
+    #: candidates per user (approximate; time linear in users, for large scales)
+    candidates: int = 0
 
     def validate(self) -> None:
         if self.n_users < 2 or self.n_items < 2 * (self.min_target + 2):
@@ -72,6 +78,9 @@ class SyntheticConfig:
                 raise DataError(f"synthetic: {k} must be in [0, 1]", value=v)
         if not 0.0 <= self.direct_buy < 1.0:
             raise DataError("synthetic: direct_buy must be in [0, 1)", value=self.direct_buy)
+        if self.candidates and self.candidates < 2 * (self.min_target + 2):
+            raise DataError(f"synthetic: candidates must be 0 or at least {2 * (self.min_target + 2)}",
+                            value=self.candidates)
 
 
 BUILTINS: dict[str, SyntheticConfig] = {
@@ -110,15 +119,15 @@ def generate(config: SyntheticConfig, seed: int = 0, name: str = "synthetic") ->
         "buy": (np.r_[vu[buy], du], np.r_[vi[buy], di]),
     }
     tr, va_, te = _hold_out(train, rng, c.n_users, c.n_items)
-    params = ", ".join(f"{k}={v}" for k, v in asdict(c).items())
+    params = ", ".join(f"{k}={v}" for k, v in asdict(c).items() if k != "candidates" or v)
     desc = (
         f"Synthetic view->cart->buy funnel (mbrec.data.synthetic), seed {seed}: {params}. "
         "Leave-one-out valid/test (random) for every behavior, users with >= 3 pairs."
     )
     return MultiBehaviorData(
         name=name, behaviors=BEHAVIORS, train=tr, valid=va_, test=te,
-        user_ids=np.array([f"u{k}" for k in range(c.n_users)]),
-        item_ids=np.array([f"i{k}" for k in range(c.n_items)]),
+        user_ids=np.char.add("u", np.arange(c.n_users).astype(str)),
+        item_ids=np.char.add("i", np.arange(c.n_items).astype(str)),
         description=desc, source=f"builtin:{name}",
     )
 
@@ -156,6 +165,8 @@ def _views(c: SyntheticConfig, rng: np.random.Generator, lat: _Latent) -> tuple[
     n_noise = rng.binomial(n_view, c.view_noise)
     n_pref = n_view - n_noise
     kmax = int(min(c.n_items - 1, n_pref.max() + _direct_prefix(c)))
+    if c.candidates:
+        kmax = min(kmax, c.candidates - 1)
     parts = [_view_chunk(c, rng, lat, lo, min(nu, lo + CHUNK), n_pref, n_noise, kmax) for lo in range(0, nu, CHUNK)]
     cat = [np.concatenate([p[k] for p in parts]) for k in range(5)]
     return (cat[0], cat[1]), (cat[2], cat[3], cat[4])
@@ -166,6 +177,25 @@ def _view_chunk(c: SyntheticConfig, rng: np.random.Generator, lat: _Latent, lo: 
     """Views of users ``lo:hi`` (Gumbel top-k by preference, plus uniform noise views) and the
     ranked items after them."""
     ni = c.n_items
+    top, valid = (_ranked_candidates if c.candidates else _ranked_all)(c, rng, lat, lo, hi, kmax)
+    rows = np.arange(hi - lo)[:, None]
+    pos = np.arange(kmax)[None, :]
+    pref = (pos < n_pref[lo:hi, None]) & valid
+    rest = ~(pos < n_pref[lo:hi, None]) & valid
+    # uniform noise views: random items outside this user's preference-ordered prefix
+    nu_rows = np.repeat(np.arange(hi - lo), n_noise[lo:hi])
+    noise_items = rng.integers(0, ni, len(nu_rows))
+    keep = ~_in_rows(top, valid, nu_rows, noise_items, ni)
+    vu = np.r_[np.broadcast_to(rows, top.shape)[pref], nu_rows[keep]]
+    vi = np.r_[top[pref], noise_items[keep]]
+    return (vu + lo, vi, np.broadcast_to(rows, top.shape)[rest] + lo, top[rest],
+            (pos - n_pref[lo:hi, None])[rest])
+
+
+def _ranked_all(c: SyntheticConfig, rng: np.random.Generator, lat: _Latent, lo: int, hi: int,
+                kmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """Users ``lo:hi``'s first ``kmax`` items of a Gumbel top-k draw over all items (exact),
+    and which of them are real (all)."""
     aff = ((lat.P[lo:hi].astype(np.float32) @ lat.Q.astype(np.float32).T) / np.float32(lat.scale)).astype(np.float32)
     gumbel = rng.random(aff.shape, dtype=np.float32)
     np.maximum(gumbel, np.float32(1e-30), out=gumbel)
@@ -175,20 +205,55 @@ def _view_chunk(c: SyntheticConfig, rng: np.random.Generator, lat: _Latent, lo: 
     g = np.float32(c.preference_strength) * aff + lat.bias.astype(np.float32) - gumbel
     top = np.argpartition(-g, kmax, axis=1)[:, :kmax]
     top = np.take_along_axis(top, np.argsort(-np.take_along_axis(g, top, 1), axis=1), 1)
-    rows = np.arange(hi - lo)[:, None]
-    pos = np.arange(kmax)[None, :]
-    pref = pos < n_pref[lo:hi, None]
-    rest = ~pref
-    # uniform noise views: random items outside this user's preference-ordered prefix
-    nu_rows = np.repeat(np.arange(hi - lo), n_noise[lo:hi])
-    noise_items = rng.integers(0, ni, len(nu_rows))
-    in_top = np.zeros((hi - lo, ni), dtype=bool)
-    in_top[rows, top] = True
-    keep = ~in_top[nu_rows, noise_items]
-    vu = np.r_[np.broadcast_to(rows, top.shape)[pref], nu_rows[keep]]
-    vi = np.r_[top[pref], noise_items[keep]]
-    return (vu + lo, vi, np.broadcast_to(rows, top.shape)[rest] + lo, top[rest],
-            (pos - n_pref[lo:hi, None])[rest])
+    return top, np.ones(top.shape, dtype=bool)
+
+
+def _ranked_candidates(c: SyntheticConfig, rng: np.random.Generator, lat: _Latent, lo: int, hi: int,
+                       kmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """As :func:`_ranked_all` over ``c.candidates`` items per user drawn (with replacement)
+    with probability ∝ ``exp(bias)`` and ranked by Gumbel top-k of the affinity term
+    (sampling-importance-resampling); a repeated candidate counts once, so a row may hold fewer
+    than ``kmax`` real items (``valid`` False after them)."""
+    n, k = hi - lo, c.candidates
+    cand = _popular_items(lat.bias, c.popularity, rng.random((n, k)))
+    aff = np.einsum("ud,ukd->uk", lat.P[lo:hi].astype(np.float32), lat.Q.astype(np.float32)[cand]) / np.float32(lat.scale)
+    gumbel = -np.log(-np.log(np.maximum(rng.random((n, k), dtype=np.float32), np.float32(1e-30))))
+    g = np.float32(c.preference_strength) * aff - gumbel
+    order = np.argsort(-g, axis=1, kind="stable")
+    cand = np.take_along_axis(cand, order, 1)
+    # a repeated item keeps its best-ranked copy: sort each row by item (stable: rank order kept)
+    by_item = np.argsort(cand, axis=1, kind="stable")
+    items_sorted = np.take_along_axis(cand, by_item, 1)
+    dup = np.zeros((n, k), dtype=bool)
+    dup[:, 1:] = items_sorted[:, 1:] == items_sorted[:, :-1]
+    is_dup = np.empty_like(dup)
+    np.put_along_axis(is_dup, by_item, dup, 1)
+    first = np.argsort(is_dup, axis=1, kind="stable")[:, :kmax]  # unique items first, in rank order
+    return np.take_along_axis(cand, first, 1), ~np.take_along_axis(is_dup, first, 1)
+
+
+def _popular_items(bias: np.ndarray, popularity: float, u: np.ndarray) -> np.ndarray:
+    """Items drawn with probability ∝ ``exp(bias) = (1 + rank)^-popularity`` from uniforms ``u``:
+    the inverse CDF of the continuous density ``(1 + x)^-a`` on ``[0, n)``, floored to a rank
+    (O(1) per draw; the discrete head is approximated), mapped to the item of that rank."""
+    n, a = len(bias), popularity
+    if abs(1.0 - a) < 1e-9:
+        x = np.power(float(n + 1), u) - 1.0
+    else:
+        x = np.power(1.0 + u * ((n + 1.0) ** (1.0 - a) - 1.0), 1.0 / (1.0 - a)) - 1.0
+    by_rank = np.argsort(-bias, kind="stable")  # item of each popularity rank
+    return by_rank[np.clip(x.astype(np.int64), 0, n - 1)]
+
+
+def _in_rows(top: np.ndarray, valid: np.ndarray, rows: np.ndarray, items: np.ndarray, n_items: int) -> np.ndarray:
+    """Whether item ``items[j]`` is among the valid entries of row ``rows[j]`` of ``top``
+    (sorted-key search: memory linear in the entries, not rows x items)."""
+    r = np.broadcast_to(np.arange(top.shape[0])[:, None], top.shape)
+    keys = np.sort(r[valid].astype(np.int64) * n_items + top[valid])
+    q = rows.astype(np.int64) * n_items + items
+    if len(keys) == 0:
+        return np.zeros(len(q), dtype=bool)
+    return keys[np.minimum(np.searchsorted(keys, q), len(keys) - 1)] == q
 
 
 def _funnel(c: SyntheticConfig, rng: np.random.Generator, lat: _Latent,
@@ -197,7 +262,8 @@ def _funnel(c: SyntheticConfig, rng: np.random.Generator, lat: _Latent,
     view = pairs_to_csr(views[0], views[1], c.n_users, c.n_items).tocoo()
     # pairs_to_csr collapses duplicate noise views; recompute affinities for the unique pairs
     vu, vi = view.row.astype(np.int64), view.col.astype(np.int64)
-    va = np.einsum("kd,kd->k", lat.P[vu], lat.Q[vi]) / lat.scale
+    va = np.concatenate([np.einsum("kd,kd->k", lat.P[vu[s:s + PAIR_CHUNK]], lat.Q[vi[s:s + PAIR_CHUNK]])
+                         for s in range(0, len(vu), PAIR_CHUNK)] or [np.zeros(0)]) / lat.scale
     # the funnel is centred on the viewed pairs: p_cart is P(cart | view) at a typical view
     va = (va - va.mean()) / (va.std() or 1.0)
     cart = rng.random(len(vu)) < _sigmoid(_logit(c.p_cart) + c.funnel_effect * va)
