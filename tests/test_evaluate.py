@@ -173,3 +173,16 @@ def test_csr_rows_coords():
     R = sp.csr_matrix(np.array([[0, 1, 1], [0, 0, 0], [1, 0, 0]], dtype=np.float32))
     r, c = csr_rows_coords(R, np.array([2, 0, 1]))
     assert list(zip(r.tolist(), c.tolist())) == [(0, 0), (1, 1), (1, 2)]
+
+
+def test_check_finite_fast_path_and_overflowing_finite_scores():
+    from mbrec.errors import NonFiniteError
+    from mbrec.evaluate import check_finite
+
+    check_finite(torch.randn(3, 4), "scores")
+    check_finite(torch.full((2, 3), 3e38), "scores")  # finite, though their sum overflows
+    for bad in (math.nan, math.inf, -math.inf):
+        s = torch.zeros(2, 3)
+        s[1, 2] = bad
+        with pytest.raises(NonFiniteError, match="hold 1 non-finite"):
+            check_finite(s, "scores")
