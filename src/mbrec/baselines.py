@@ -18,15 +18,9 @@ import torch
 from torch import nn
 
 from mbrec.data.container import MultiBehaviorData
+from mbrec.data.stats import item_counts
 from mbrec.evaluate import Metrics, evaluate, has_valid
 from mbrec.protocol import Protocol
-
-
-def item_counts(data: MultiBehaviorData, behavior: str) -> np.ndarray:
-    """Training pairs per item of ``behavior`` (``[n_items]``, float64; repeated pairs count once)."""
-    m = data.train[behavior]
-    counts = np.bincount(m.indices, minlength=data.n_items) if m.nnz else np.zeros(data.n_items)
-    return counts.astype(np.float64)
 
 
 def popularity_scores(data: MultiBehaviorData, behavior: str) -> np.ndarray:
@@ -34,7 +28,7 @@ def popularity_scores(data: MultiBehaviorData, behavior: str) -> np.ndarray:
     broken by the count over every behavior (the fraction stays below 1, so it never reorders
     different counts of ``behavior``)."""
     total = sum((item_counts(data, b) for b in data.behaviors), np.zeros(data.n_items))
-    return item_counts(data, behavior) + total / (total.max() + 1.0)
+    return item_counts(data, behavior).astype(np.float64) + total / (total.max() + 1.0)
 
 
 class MostPopular(nn.Module):

@@ -67,6 +67,14 @@ def training_bar(data: MultiBehaviorData, behaviors: tuple[str, ...] | list[str]
     return _alignment(_binary(data.train[data.target]), {b: _binary(data.train[b]) for b in names})[0]
 
 
+def item_counts(data: MultiBehaviorData, behavior: str) -> np.ndarray:
+    """Training pairs per item of ``behavior`` (``[n_items]``, int64; stored zeros not counted):
+    the popularity that the most-popular baseline (:mod:`mbrec.baselines`) and the serving
+    fallback (:func:`mbrec.serving.export.popularity`) rank by."""
+    m = data.train[behavior]
+    return np.bincount(m.indices[m.data != 0], minlength=data.n_items).astype(np.int64)
+
+
 def _has_rows(m: sp.csr_matrix) -> np.ndarray:
     return np.diff(m.indptr) > 0
 

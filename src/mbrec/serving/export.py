@@ -18,6 +18,7 @@ import scipy.sparse as sp
 import torch
 
 from mbrec import __version__
+from mbrec.data.stats import item_counts
 from mbrec.errors import MbrecError
 from mbrec.serving.artifact import ScorerSpec, sha256_file, utc_now, write_artifact
 from mbrec.serving.scorers import check_reproduces, extract_scorer
@@ -47,7 +48,7 @@ def _require_fingerprint(run_dir: Path) -> dict[str, Any]:
 
 def popularity(data: Any) -> np.ndarray:
     """``[n_behaviors, n_items]`` training interactions per item (behaviors in data order)."""
-    return np.stack([np.asarray((data.train[b] != 0).sum(0)).ravel().astype(np.int64) for b in data.behaviors])
+    return np.stack([item_counts(data, b) for b in data.behaviors])
 
 
 def exclusions(data: Any, protocol: Any, behaviors: tuple[str, ...]) -> dict[str, sp.csr_matrix | None]:
