@@ -192,17 +192,24 @@ def _view_chunk(c: SyntheticConfig, rng: np.random.Generator, lat: _Latent, lo: 
             (pos - n_pref[lo:hi, None])[rest])
 
 
+def _neg_gumbel(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """``log(-log U)`` for uniforms ``U`` (float32, in place): minus standard Gumbel noise, so
+    ``logits - _neg_gumbel(...)`` is the Gumbel-max perturbation whose top-k samples without
+    replacement with probability ∝ ``exp(logits)``."""
+    g = rng.random(shape, dtype=np.float32)
+    np.maximum(g, np.float32(1e-30), out=g)
+    np.log(g, out=g)
+    np.negative(g, out=g)
+    np.log(g, out=g)
+    return g
+
+
 def _ranked_all(c: SyntheticConfig, rng: np.random.Generator, lat: _Latent, lo: int, hi: int,
                 kmax: int) -> tuple[np.ndarray, np.ndarray]:
     """Users ``lo:hi``'s first ``kmax`` items of a Gumbel top-k draw over all items (exact),
     and which of them are real (all)."""
     aff = ((lat.P[lo:hi].astype(np.float32) @ lat.Q.astype(np.float32).T) / np.float32(lat.scale)).astype(np.float32)
-    gumbel = rng.random(aff.shape, dtype=np.float32)
-    np.maximum(gumbel, np.float32(1e-30), out=gumbel)
-    np.log(gumbel, out=gumbel)
-    np.negative(gumbel, out=gumbel)
-    np.log(gumbel, out=gumbel)
-    g = np.float32(c.preference_strength) * aff + lat.bias.astype(np.float32) - gumbel
+    g = np.float32(c.preference_strength) * aff + lat.bias.astype(np.float32) - _neg_gumbel(rng, aff.shape)
     top = np.argpartition(-g, kmax, axis=1)[:, :kmax]
     top = np.take_along_axis(top, np.argsort(-np.take_along_axis(g, top, 1), axis=1), 1)
     return top, np.ones(top.shape, dtype=bool)
@@ -217,8 +224,7 @@ def _ranked_candidates(c: SyntheticConfig, rng: np.random.Generator, lat: _Laten
     n, k = hi - lo, c.candidates
     cand = _popular_items(lat.bias, c.popularity, rng.random((n, k)))
     aff = np.einsum("ud,ukd->uk", lat.P[lo:hi].astype(np.float32), lat.Q.astype(np.float32)[cand]) / np.float32(lat.scale)
-    gumbel = -np.log(-np.log(np.maximum(rng.random((n, k), dtype=np.float32), np.float32(1e-30))))
-    g = np.float32(c.preference_strength) * aff - gumbel
+    g = np.float32(c.preference_strength) * aff - _neg_gumbel(rng, (n, k))
     order = np.argsort(-g, axis=1, kind="stable")
     cand = np.take_along_axis(cand, order, 1)
     # a repeated item keeps its best-ranked copy: sort each row by item (stable: rank order kept)
