@@ -19,7 +19,7 @@ from torch import nn
 
 from mbrec.data.container import MultiBehaviorData
 from mbrec.data.stats import item_counts
-from mbrec.evaluate import Metrics, evaluate, has_valid
+from mbrec.evaluate import Metrics, evaluate, has_valid, task_behaviors
 from mbrec.protocol import Protocol
 
 
@@ -60,7 +60,7 @@ def popular_metrics(data: MultiBehaviorData, protocol: Protocol, *, behaviors: t
     validation split) under ``protocol``, for ``behaviors`` (default: the protocol's tasks)."""
     model = MostPopular(data, device)
     if behaviors is None:
-        behaviors = (data.target,) if protocol.tasks == "target" else model.scored_behaviors
+        behaviors = task_behaviors(model, data, protocol)  # type: ignore[arg-type]
     splits = ("valid", "test") if has_valid(data) else ("test",)
     return {s: evaluate(model, None, data, protocol, s, behaviors=behaviors, memory_mb=memory_mb)  # type: ignore[arg-type]
             for s in splits}
