@@ -35,6 +35,34 @@ def test_propagate_rows_equal_the_full_product_in_values_and_gradients(graph, ro
     assert torch.allclose(got, want, atol=1e-6) and torch.allclose(g_got, g_want, atol=1e-5)
 
 
+@pytest.mark.parametrize("rows", [None, [0, 7, 7, 31, 49]])
+def test_propagate_frozen_columns_one_product_gradient_for_x_only(graph, rows) -> None:
+    """``frozen`` columns ride in the same product; the gradient reaches ``x`` exactly as when
+    the frozen part is detached after a product over all columns."""
+    x = torch.randn(40, 4, requires_grad=True)
+    frozen = torch.randn(40, 3)
+    r = None if rows is None else torch.tensor(rows)
+    w = torch.randn(50 if rows is None else len(rows), 7)
+    got = propagate(graph, x, r, frozen=frozen)
+    (g_got,) = torch.autograd.grad((got * w).sum(), x)
+    full = spmm(graph, torch.cat([x, frozen], 1))
+    want = full if r is None else full[r]
+    (g_want,) = torch.autograd.grad((want * w).sum(), x)
+    assert got.shape == want.shape and torch.allclose(got, want, atol=1e-6)
+    assert torch.allclose(g_got, g_want, atol=1e-5)
+    with torch.no_grad():
+        assert torch.allclose(propagate(graph, x, r, frozen=frozen), want, atol=1e-6)
+
+
+def test_sparse_product_rows_as_indices_or_count(graph) -> None:
+    """A floor product at a batch's own rows times exactly those rows; a count times that many."""
+    rows = torch.tensor([3, 3, 9, 41])
+    assert SparseProduct("at rows", graph, 4, rows=rows).n_rows == 4
+    assert SparseProduct("count", graph, 4, rows=2).n_rows == 2 and SparseProduct("all", graph, 4).n_rows is None
+    t = time_sparse(SparseProduct("at rows", graph, 4, rows=rows), torch.device("cpu"), 2, np.random.default_rng(0))
+    assert t.forward_s > 0 and t.backward_s > 0
+
+
 def test_propagate_without_gradient(graph) -> None:
     x = torch.randn(40, 3)
     assert torch.allclose(propagate(graph, x, torch.tensor([2, 5])), (graph.mat @ x)[[2, 5]], atol=1e-6)

@@ -229,4 +229,4 @@ def test_floor_products_on_synthetic() -> None:
     assert [p.graph for p in prods] == [graphs[0]] * 2 + [graphs[1]] * 2 + [graphs[2]] * 2
     t = batch["triplets"][:, 2]
     n_rows = len(torch.unique(t[:, 0])) + len(torch.unique(t[:, 1:]))
-    assert [p.rows for p in prods] == [None] * 5 + [n_rows] and n_rows < graphs[2].shape[0]
+    assert [p.n_rows for p in prods] == [None] * 5 + [n_rows] and n_rows < graphs[2].shape[0]

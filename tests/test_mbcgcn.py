@@ -306,7 +306,7 @@ def test_pretraining_rows_equal_full_computation(tiny, net: str) -> None:
     prods = obj.floor_products(graphs, batch)
     sparse = [p for p in prods if isinstance(p, SparseProduct)]
     n_rows = len(torch.unique(batch["users"])) + len(torch.unique(torch.cat([batch["pos"], batch["neg"]])))
-    assert [p.rows for p in sparse] == [None, n_rows] and all(p.backward and p.graph is graphs[0] for p in sparse)
+    assert [p.n_rows for p in sparse] == [None, n_rows] and all(p.backward and p.graph is graphs[0] for p in sparse)
     assert len([p for p in prods if isinstance(p, DenseProduct)]) == (2 if net == "gcn" else 0)
 
 
@@ -324,6 +324,6 @@ def test_floor_products_on_synthetic() -> None:
     assert len(sparse) == 9 and all(p.backward and p.width == 8 for p in sparse)
     assert [p.graph for p in sparse] == [graphs[0]] * 3 + [graphs[1]] * 4 + [graphs[2]] * 2
     n_rows = len(torch.unique(batch["users"])) + len(torch.unique(torch.cat([batch["pos"], batch["neg"]])))
-    assert [p.rows for p in sparse] == [None] * 8 + [n_rows] and n_rows < graphs[2].shape[0]
+    assert [p.n_rows for p in sparse] == [None] * 8 + [n_rows] and n_rows < graphs[2].shape[0]
     # user and item transfers after every block but the last
     assert [(p.m, p.k, p.n) for p in dense] == [(60, 8, 8), (50, 8, 8)] * 2

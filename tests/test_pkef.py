@@ -187,13 +187,13 @@ def test_floor_products(tiny: MultiBehaviorData) -> None:
     # every layer of both branches, less the cascade's first layer of the first behavior (same input E0)
     assert len(prods) == 2 * (3 + 1 + 2) - 1
     assert sum(p.graph is g[0] for p in prods) == 5 and sum(p.graph is g[1] for p in prods) == 2
-    cut = [p for p in prods if p.rows is not None]
+    cut = [p for p in prods if p.n_rows is not None]
     assert [p.name for p in cut] == ["parallel buy layer 2", "cascade buy layer 2"]
     U = tiny.n_users
     task = lambda k: torch.cat([batch[f"users_{k}"], batch[f"pos_{k}"] + U, batch[f"neg_{k}"] + U])  # noqa: E731
     uni = torch.cat([batch["uusers_1_2"], batch["upos_1_2"] + U, batch["uneg_1_2"] + U])
     n_c = torch.unique(torch.cat([task(1), task(2), uni])).numel()
-    assert cut[1].rows == n_c and cut[0].rows == n_c  # p[buy]'s rows are among c[buy]'s
+    assert cut[1].n_rows == n_c and cut[0].n_rows == n_c  # p[buy]'s rows are among c[buy]'s
     assert n_c < U + tiny.n_items
     m0, g0 = _model(tiny, loss_weights=[0.0, 0.0, 0.0])
     assert m0.floor_products(g0, batch) == []  # nothing trained: nothing required

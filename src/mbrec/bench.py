@@ -12,7 +12,7 @@ alone with the fastest kernel this machine has, and nothing else:
 A model states its products in :meth:`mbrec.models.base.Model.floor_products` (what the
 algorithm needs, not what the implementation happens to do), for one sampled batch. The floor is
 computed by timing kernels here, never estimated: sparse products try torch's CSR kernel and
-SciPy's CSR kernel and keep the faster; dense products use torch's GEMM.
+SciPy's CSR kernel and keep the faster; dense products the faster of torch's GEMM and NumPy's BLAS.
 
 ``floor epoch = steps per epoch x floor step``; ``ratio = measured step / floor step``.
 """
@@ -37,16 +37,24 @@ from mbrec.optim import adam
 
 @dataclass
 class SparseProduct:
-    """``A @ X``: ``graph`` is ``A``; ``rows`` output rows read (``None``: all); ``backward``:
-    a gradient flows to ``X`` (one more product ``A[S]^T @ G``), over ``backward_width`` columns
-    when only some columns carry a gradient (default: all)."""
+    """``A @ X``: ``graph`` is ``A``; ``rows`` the output rows read: ``None`` (all), the node
+    indices themselves (a batch's rows: their degrees decide the work, and a sampled batch
+    favours well-connected nodes) or only their count (timed on that many random rows, which
+    underestimates a degree-biased batch); ``backward``: a gradient flows to ``X`` (one more
+    product ``A[S]^T @ G``), over ``backward_width`` columns when only some columns carry a
+    gradient (default: all)."""
 
     name: str
     graph: SparseGraph
     width: int
-    rows: int | None = None
+    rows: int | np.ndarray | torch.Tensor | None = None
     backward: bool = True
     backward_width: int | None = None
+
+    @property
+    def n_rows(self) -> int | None:
+        """How many output rows are read (``None``: all)."""
+        return self.rows if self.rows is None or isinstance(self.rows, int) else len(self.rows)
 
 
 @dataclass
@@ -120,7 +128,7 @@ class BenchReport:
             if isinstance(p, SparseProduct):
                 n, m = p.graph.shape
                 shape = f"[{n:,} x {m:,}, nnz {p.graph.mat.values().numel():,}] x {p.width}"
-                rows = "all" if p.rows is None else f"{p.rows:,}"
+                rows = "all" if p.n_rows is None else f"{p.n_rows:,}"
                 kind = "sparse"
             else:
                 shape, rows, kind = f"[{p.m:,} x {p.k}] x [{p.k} x {p.n:,}]", "all", "dense"
@@ -182,8 +190,10 @@ def time_sparse(p: SparseProduct, device: torch.device, repeats: int, rng: np.ra
     """Forward ``A[S] @ X`` and backward ``A[S]^T @ G`` with the faster of torch CSR and SciPy CSR."""
     A = _scipy_csr(p.graph.mat.cpu())
     n, m = A.shape
-    if p.rows is not None and p.rows < n:
+    if isinstance(p.rows, int) and p.rows < n:
         A = A[np.sort(rng.choice(n, p.rows, replace=False))]
+    elif p.rows is not None and not isinstance(p.rows, int):
+        A = A[np.unique(np.asarray(p.rows.cpu() if isinstance(p.rows, torch.Tensor) else p.rows))]
     At = A.T.tocsr()
     X = np.random.default_rng(0).random((m, p.width), dtype=np.float32)
     G = np.random.default_rng(1).random((A.shape[0], p.backward_width or p.width), dtype=np.float32)
@@ -204,13 +214,20 @@ def time_sparse(p: SparseProduct, device: torch.device, repeats: int, rng: np.ra
 
 
 def time_dense(p: DenseProduct, device: torch.device, repeats: int) -> ProductTime:
-    """Forward ``[m, k] @ [k, n]``; backward ``[m, n] @ [n, k]`` and ``[k, m] @ [m, n]``."""
-    a, b = torch.rand(p.m, p.k, device=device), torch.rand(p.k, p.n, device=device)
+    """Forward ``[m, k] @ [k, n]`` (a batch against a table stored as ``[n, k]`` rows, as the
+    models hold them); backward ``[m, n] @ [n, k]`` and ``[n, m] @ [m, k]``. Each product on the
+    faster of torch's GEMM and, on the CPU, NumPy's BLAS (:mod:`mbrec.dense`)."""
+    a, t = torch.rand(p.m, p.k, device=device), torch.rand(p.n, p.k, device=device)
     g = torch.rand(p.m, p.n, device=device)
-    f = _median_time(lambda: a @ b, repeats, device)
-    grads = [lambda: g @ b.T, lambda: a.T @ g][: p.backward]
-    bw = sum(_median_time(fn, repeats, device) for fn in grads)
-    return ProductTime(p, f, bw, "torch GEMM")
+    products = [(a, t.T), (g, t), (g.T, a)][: 1 + p.backward]
+    libraries = {"torch GEMM": lambda x, y: x @ y}
+    if device.type == "cpu":
+        libraries["NumPy BLAS"] = lambda x, y: np.matmul(x.numpy(), y.numpy())
+    times = [{name: _median_time(lambda f=f, x=x, y=y: f(x, y), repeats, device) for name, f in libraries.items()}
+             for x, y in products]
+    forward = min(times[0], key=times[0].__getitem__)
+    names = sorted({min(tm, key=tm.__getitem__) for tm in times})
+    return ProductTime(p, times[0][forward], sum(min(tm.values()) for tm in times[1:]), " / ".join(names))
 
 
 def steps_per_epoch(sampler: Any, rng: np.random.Generator) -> int:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from mbrec.dense import gemm_kernel, matmul
+
 #: the epsilon of the ``log_eps`` BPR form, ``-log(1e-10 + sigmoid(x))`` (CRGCN/RMBRec code)
 BPR_EPS = 1e-10
 
@@ -96,12 +98,16 @@ _WORKSPACE = _Workspace()
 
 def _shifted_exp(q: torch.Tensor, c: torch.Tensor, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``out = exp(q c^T - top)``, ``top [n, 1]`` and the row sums ``total [n, 1]`` of ``out``, in
-    three passes over ``out``: the GEMM with the shift folded in, ``exp``, the row sums.
+    three passes over ``out``: the GEMM with the shift folded in (:mod:`mbrec.dense` picks the BLAS), ``exp``, the row sums.
     ``top_i = |q_i| max_j |c_j|`` bounds row i's logits (Cauchy-Schwarz), so nothing overflows; a
     row whose largest logit lies so far below its bound that every term underflows is recomputed
     with its true maximum (a fourth pass over those rows only, rare)."""
     top = (q.norm(dim=1) * c.norm(dim=1).max()).unsqueeze(1)
-    torch.addmm(-top, q, c.T, out=out).exp_()
+    if gemm_kernel(q, c.T) == "numpy":  # NumPy's BLAS has no addmm: the shift rides as a 65th column
+        matmul(torch.cat([q, -top], 1), torch.cat([c, c.new_ones(c.shape[0], 1)], 1).T, out=out)
+    else:
+        torch.addmm(-top, q, c.T, out=out)
+    out.exp_()
     total = out.sum(dim=1, keepdim=True)
     bad = ~(total > 0) | ~torch.isfinite(total)
     if bool(bad.any()):
@@ -139,8 +145,8 @@ class _TableLogSumExp(torch.autograd.Function):
             raise RuntimeError("table_logsumexp supports one backward per forward (no retain_graph)")
         ctx.e = None
         scale = g.unsqueeze(1) / total  # [n, 1]: softmax normaliser times the incoming gradient
-        gq = (e @ c).mul_(scale) if ctx.needs_input_grad[0] else None
-        gc = e.T @ (q * scale) if ctx.needs_input_grad[1] else None
+        gq = matmul(e, c).mul_(scale) if ctx.needs_input_grad[0] else None
+        gc = matmul(e.T, q * scale) if ctx.needs_input_grad[1] else None
         _WORKSPACE.give(e)
         return gq, gc
 

@@ -83,3 +83,14 @@ def default_threads(
     cpus = usable_cpus() if cpus is None else cpus
     load = load_average() if load is None else load
     return max(1, min(cap, cpus - round(max(load, 0.0))))
+
+
+def apply_threads(n: int) -> None:
+    """Use ``n`` threads for torch's kernels and for NumPy's BLAS, which :mod:`mbrec.dense` runs
+    large CPU products on (OpenBLAS otherwise starts one thread per core, whatever torch uses)."""
+    import numpy  # noqa: F401  (loads NumPy's BLAS so that threadpoolctl finds it)
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    torch.set_num_threads(n)
+    threadpool_limits(limits=n, user_api="blas")

@@ -52,11 +52,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mbrec: error: --threads must be >= 1, got {args.threads}", file=sys.stderr)
         return 2
     if args.threads is not None or args.command in COMPUTE_COMMANDS:
-        import torch
+        from mbrec.threads import apply_threads, default_threads
 
-        from mbrec.threads import default_threads
-
-        torch.set_num_threads(args.threads if args.threads is not None else default_threads())
+        apply_threads(args.threads if args.threads is not None else default_threads())
     try:
         return int(args.func(args) or 0)
     except MbrecError as e:

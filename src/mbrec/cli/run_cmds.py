@@ -162,7 +162,9 @@ def _train_rank(args: argparse.Namespace, par: "Any") -> int:
 
     threads = rank_threads(par.local_world, getattr(args, "threads", None))
     if threads is not None:
-        torch.set_num_threads(threads)
+        from mbrec.threads import apply_threads
+
+        apply_threads(threads)
     par.start()
     try:
         cfg = par.from_main(lambda: _train_config(args))

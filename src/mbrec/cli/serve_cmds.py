@@ -42,13 +42,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def _set_threads(args: argparse.Namespace, workers: int = 1) -> int:
-    """Torch threads per process: ``--threads``, else mbrec's rule shared by the workers."""
-    import torch
-
-    from mbrec.threads import default_threads
+    """Threads per process (torch's and NumPy's BLAS): ``--threads``, else mbrec's rule shared
+    by the workers."""
+    from mbrec.threads import apply_threads, default_threads
 
     n = args.threads if getattr(args, "threads", None) else max(1, default_threads() // workers)
-    torch.set_num_threads(n)
+    apply_threads(n)
     return n
 
 

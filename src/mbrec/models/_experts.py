@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from mbrec.data.container import MultiBehaviorData
+from mbrec.dense import matmul
 from mbrec.graph import bipartite, normalize_left
 
 # ----------------------------------------------------------------------------- graphs
@@ -134,9 +135,8 @@ class GatedTower(nn.Module):
         y = ev @ w[self.dim :] + b  # [I, M]
         ex = torch.exp(x - x.max(1, keepdim=True).values)
         ey = torch.exp(y - y.max(1, keepdim=True).values)
-        num = torch.cat([a * ex[:, m : m + 1] for m, (a, _) in enumerate(experts)], 1) @ torch.cat(
-            [bb * ey[:, m : m + 1] for m, (_, bb) in enumerate(experts)], 1
-        ).T
+        num = matmul(torch.cat([a * ex[:, m : m + 1] for m, (a, _) in enumerate(experts)], 1),
+                     torch.cat([bb * ey[:, m : m + 1] for m, (_, bb) in enumerate(experts)], 1).T)
         den = ex @ ey.T
         out = self.tower_scale * num / den
         bad = ~torch.isfinite(out).all(1) | (den <= 0).any(1)

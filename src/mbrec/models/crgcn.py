@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mbrec.data.container import MultiBehaviorData
+from mbrec.dense import matmul
 from mbrec.graph import SparseGraph, bipartite, node_rows, normalize_sym, propagate, split_nodes, to_device
 from mbrec.losses import bpr
 from mbrec.models.base import Model, ModelConfig, register
@@ -161,7 +162,7 @@ class CRGCN(Model):
         from mbrec.bench import SparseProduct
 
         trip, K, U, d = batch["triplets"].long(), len(self.behaviors), self.n_users, self.config.embedding_dim
-        rows = len(node_rows(trip[:, K - 1, 0], U + trip[:, K - 1, 1], U + trip[:, K - 1, 2])[0])
+        rows = node_rows(trip[:, K - 1, 0], U + trip[:, K - 1, 1], U + trip[:, K - 1, 2])[0]
         L = self.config.layers
         return [SparseProduct(f"stage {b} layer {n + 1}", graphs[k], d, rows=rows if (k == K - 1 and n == L - 1) else None)
                 for k, b in enumerate(self.behaviors) for n in range(L)]
@@ -169,7 +170,7 @@ class CRGCN(Model):
     def score(self, emb: dict[str, torch.Tensor], users: torch.Tensor, behavior: str) -> torch.Tensor:
         self.check_behavior(behavior)
         u, i = split_nodes(emb[behavior], self.n_users)
-        return u[users] @ i.T
+        return matmul(u[users], i.T)
 
     @property
     def scored_behaviors(self) -> tuple[str, ...]:

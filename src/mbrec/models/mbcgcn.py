@@ -59,12 +59,13 @@ import torch
 from torch import nn
 
 from mbrec.data.container import MultiBehaviorData
+from mbrec.dense import matmul
 from mbrec.errors import ConfigError
 from mbrec.graph import SparseGraph, bipartite, lightgcn_stack, node_rows, normalize_sym, propagate, split_nodes, to_device
 from mbrec.losses import bpr, l2
 from mbrec.models.base import Model, ModelConfig, register
-from mbrec.options import option
 from mbrec.optim import adam
+from mbrec.options import option
 from mbrec.sampling import InteractionSampler, RandomUserSampler
 
 
@@ -116,12 +117,12 @@ class PretrainLightGCN(nn.Module):
     def forward(self, graph: SparseGraph, rows: torch.Tensor | None = None) -> torch.Tensor:
         return lightgcn_block(graph, self.ego, self.n_layers, rows)
 
-    def floor_products(self, graph: SparseGraph, n_rows: int) -> list[Any]:
+    def floor_products(self, graph: SparseGraph, rows: torch.Tensor) -> list[Any]:
         """``n_layers`` products with a gradient to the ego table, the last at the batch's rows."""
         from mbrec.bench import SparseProduct
 
         d, L = self.ego.shape[1], self.n_layers
-        return [SparseProduct(f"pretrain layer {n + 1}", graph, d, rows=n_rows if n == L - 1 else None)
+        return [SparseProduct(f"pretrain layer {n + 1}", graph, d, rows=rows if n == L - 1 else None)
                 for n in range(L)]
 
 
@@ -153,7 +154,7 @@ class PretrainGCN(nn.Module):
             outs = [o[rows] for o in outs[:L]] + outs[L:] if L > 0 else [outs[0][rows]]
         return torch.cat(outs, 1)
 
-    def floor_products(self, graph: SparseGraph, n_rows: int) -> list[Any]:
+    def floor_products(self, graph: SparseGraph, rows: torch.Tensor) -> list[Any]:
         """Per layer ``Â E_k`` (gradient: ``E_0`` and every ``W_k`` train) and ``(Â E_k) W_k``; the
         last layer only at the batch's rows."""
         from mbrec.bench import DenseProduct, SparseProduct
@@ -161,9 +162,9 @@ class PretrainGCN(nn.Module):
         n_nodes, d, L = self.ego.shape[0], self.ego.shape[1], len(self.weights)
         out: list[Any] = []
         for n in range(L):
-            r = n_rows if n == L - 1 else None
+            r = rows if n == L - 1 else None
             out += [SparseProduct(f"pretrain layer {n + 1}", graph, d, rows=r),
-                    DenseProduct(f"pretrain layer {n + 1} weight", n_nodes if r is None else r, d, d)]
+                    DenseProduct(f"pretrain layer {n + 1} weight", n_nodes if r is None else len(r), d, d)]
         return out
 
 
@@ -187,13 +188,14 @@ class _PretrainObjective(nn.Module):
 
     def floor_products(self, graphs: list[SparseGraph], batch: Mapping[str, torch.Tensor]) -> list[Any]:
         """One pretraining step's floor (the network's own products on the first graph)."""
-        return self.net.floor_products(graphs[0], batch_rows(batch))
+        return self.net.floor_products(graphs[0], batch_rows(batch, self.n_users))
 
 
-def batch_rows(batch: Mapping[str, torch.Tensor]) -> int:
-    """Distinct node rows a triplet batch's loss reads: its users and its positive/negative items."""
+def batch_rows(batch: Mapping[str, torch.Tensor], n_users: int) -> torch.Tensor:
+    """Distinct node rows a triplet batch's loss reads: its users and its positive/negative items
+    (items offset by ``n_users``)."""
     items = torch.cat([batch["pos"].long(), batch["neg"].long()])
-    return int(torch.unique(batch["users"]).numel() + torch.unique(items).numel())
+    return torch.unique(torch.cat([batch["users"].long(), n_users + items]))
 
 
 def make_triplet_sampler(kind: str, R: sp.csr_matrix, batch_size: int) -> RandomUserSampler | InteractionSampler:
@@ -292,7 +294,7 @@ class MBCGCN(Model):
         from mbrec.bench import DenseProduct, SparseProduct
 
         d, K = self.config.embedding_dim, len(self.behaviors)
-        rows = batch_rows(batch)
+        rows = batch_rows(batch, self.n_users)
         out: list[Any] = []
         for k, g in enumerate(graphs):
             L = self.layers[k]
@@ -332,7 +334,7 @@ class MBCGCN(Model):
 
     def score(self, emb: dict[str, torch.Tensor], users: torch.Tensor, behavior: str) -> torch.Tensor:
         self.check_behavior(behavior)
-        return emb["user"][users] @ emb["item"].T
+        return matmul(emb["user"][users], emb["item"].T)
 
     # -- pretraining ------------------------------------------------------------
     def pretraining(self, data: MultiBehaviorData, device: torch.device) -> tuple[

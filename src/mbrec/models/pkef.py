@@ -281,7 +281,7 @@ class PKEF(Model):
         if not c_reads[last]:
             return []
         n_c = int(torch.unique(torch.cat(c_reads[last])).numel())
-        n_p = int(torch.unique(torch.cat(c_reads[last] + p_reads[last])).numel())
+        n_p = torch.unique(torch.cat(c_reads[last] + p_reads[last]))
         out: list[Any] = []
         for k, g in enumerate(graphs):
             b, L = self.behaviors[k], self.layers[k]

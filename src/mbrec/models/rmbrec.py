@@ -74,6 +74,7 @@ from torch import nn
 from mbrec import collectives
 from mbrec.data.container import MultiBehaviorData
 from mbrec.data.stats import training_bar
+from mbrec.dense import matmul
 from mbrec.errors import ConfigError
 from mbrec.graph import SparseGraph, bipartite, full_product, host_kernels, normalize_sym, scipy_view, spmm, to_device
 from mbrec.losses import BPR_EPS, bpr, info_nce, masked_mean, variance
@@ -324,7 +325,7 @@ class RMBRec(Model):
     def score(self, emb: tuple[torch.Tensor, torch.Tensor], users: torch.Tensor, behavior: str) -> torch.Tensor:
         self.check_behavior(behavior)
         zu, zi = emb
-        return zu[users] @ zi[: self.n_items].T
+        return matmul(zu[users], zi[: self.n_items].T)
 
     # -- loss -------------------------------------------------------------------------------
     def _index(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -401,9 +402,9 @@ class RMBRec(Model):
         from mbrec.bench import SparseProduct
 
         u, i, j, _ = self._index(batch)
-        n_rows = int(torch.unique(torch.stack([u, i, j])).numel())
+        rows = torch.unique(torch.stack([u, i, j]))
         d, L = self.cfg.embedding_dim, self.cfg.n_layers
-        return [SparseProduct(f"{b} layer {n + 1}", g.sparse, d, rows=n_rows if n == L - 1 else None)
+        return [SparseProduct(f"{b} layer {n + 1}", g.sparse, d, rows=rows if n == L - 1 else None)
                 for b, g in zip(self.behaviors, graphs) for n in range(L)]
 
     @staticmethod

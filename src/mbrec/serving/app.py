@@ -447,9 +447,9 @@ def create_app_from_env() -> FastAPI:
     path = Path(os.environ[STATE_ENV])
     state = _read_state(path)
     threads = int(state.get("threads") or 1)
-    import torch
+    from mbrec.threads import apply_threads
 
-    torch.set_num_threads(threads)
+    apply_threads(threads)
     with contextlib.suppress(ValueError):  # the supervisor handles SIGHUP (replaces the workers)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
     engine = open_source(state["source"])
