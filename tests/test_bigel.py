@@ -416,7 +416,7 @@ def test_floor_products_on_synthetic() -> None:
     U, P, N = trip[2]
     target = torch.unique(torch.cat([U, n + P, n + N, aux]))
     glob = torch.unique(torch.cat([aux, U, n + P]))
-    assert [p.rows for p in sparse] == [None] * 6 + [len(target), None, len(glob)]
+    assert [p.n_rows for p in sparse] == [None] * 6 + [len(target), None, len(glob)]
     assert len(target) < b[2].shape[0] and len(glob) < g.shape[0]
     # CGF gate, GCE gate and projection per auxiliary at its own rows; CPA users and items
     own = [len(torch.unique(torch.cat([t[0], n + t[1], n + t[2]]))) for t in trip[:2]]
@@ -425,5 +425,5 @@ def test_floor_products_on_synthetic() -> None:
     assert [(p.m, p.n) for p in dense[6:]] == [(nu, nu), (ni, ni)]
     full = BiGEL(data, BiGELConfig(embedding_dim=8, batch_size=8, cpa_negatives="full"))
     fp = full.floor_products(full.build_graphs(data, DEV), batch)
-    assert [p.rows for p in fp if isinstance(p, SparseProduct) and p.name.startswith("global")] == [None, None]
+    assert [p.n_rows for p in fp if isinstance(p, SparseProduct) and p.name.startswith("global")] == [None, None]
     assert [(p.m, p.n) for p in fp if p.name.startswith("CPA")] == [(nu, n), (ni, model.n_items)]

@@ -144,7 +144,9 @@ def test_fitting_experts_at_rows_equal_all_nodes_then_rows() -> None:
     def run(compact: bool) -> tuple[dict, list]:
         m.zero_grad()
         fit = m.fitting_experts(g, m.encode(g), rows=rows if compact else None)
-        fit = fit if compact else {kj: x[rows[kj[0]]] for kj, x in fit.items()}
+        # the training path returns the experts a step detaches (stop-gradient) detached
+        fit = fit if compact else {kj: x[rows[kj[0]]].detach() if m._detached(kj[1]) else x[rows[kj[0]]]
+                                   for kj, x in fit.items()}
         sum((x * weights[rows[kj[0]]] * (1 + kj[1])).sum() for kj, x in fit.items()).backward()
         return fit, [p.grad.clone() for p in m.parameters() if p.grad is not None]
 

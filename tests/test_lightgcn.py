@@ -111,4 +111,4 @@ def test_floor_products(mode: str) -> None:
     b = batch["b"] if mode == "per_behavior" else torch.zeros_like(batch["users"])
     N = model.n_users + model.n_items
     nodes = torch.cat([b * N + batch["users"], b * N + model.n_users + batch["pos"], b * N + model.n_users + batch["neg"]])
-    assert prods[-1].rows == len(torch.unique(nodes)) < graphs.shape[0]
+    assert prods[-1].n_rows == len(torch.unique(nodes)) < graphs.shape[0]

@@ -134,7 +134,7 @@ def _host_mm(mat: torch.Tensor | sp.csr_matrix, x: torch.Tensor) -> torch.Tensor
 CPU_KERNELS = ("auto", "torch", "scipy")
 CPU_FULL_KERNEL = os.environ.get("MBREC_CPU_KERNEL", "auto")
 #: timed runs of each kernel per matrix and width before ``auto`` chooses
-AUTO_TRIALS = 2
+AUTO_TRIALS = 3
 #: (id(matrix), width) -> (weak reference to the matrix, chosen kernel, {kernel: best seconds})
 _CHOICES: dict[tuple[int, int], tuple["weakref.ref[torch.Tensor]", str, dict[str, float]]] = {}
 _KERNELS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
@@ -149,8 +149,8 @@ def full_kernel(mat: torch.Tensor, x: torch.Tensor) -> str:
     * off the CPU: always ``torch`` (SciPy never serves accelerator tensors);
     * ``MBREC_CPU_KERNEL=torch|scipy``: that one;
     * ``auto`` (default): the first product of each matrix at each width times both kernels
-      ``AUTO_TRIALS`` times, alternating, on that product's own operand, and keeps the faster
-      for the matrix's lifetime. Both kernels sum each row's terms in CSR order, so the choice
+      ``AUTO_TRIALS`` times, alternating, on that product's own operand (in CPU time with one
+      torch thread, else wall time), and keeps the faster for the matrix's lifetime. Both kernels sum each row's terms in CSR order, so the choice
       never changes a result (``tests/test_bench.py`` checks the two are bit-identical); which
       one is faster depends on the machine, the graph and the width (``BENCHMARKS.md``)."""
     if not host_kernels(mat.device):
@@ -164,12 +164,15 @@ def full_kernel(mat: torch.Tensor, x: torch.Tensor) -> str:
     if entry is not None and entry[0]() is mat:
         return entry[1]
     best = {k: float("inf") for k in _KERNELS}
+    # one thread: this process's CPU time, which other jobs on a busy machine do not inflate
+    # (the wall clock of one product swings by 20-40% there); more threads: the wall clock
+    clock = time.process_time if torch.get_num_threads() == 1 else time.perf_counter
     with torch.no_grad():
         for _ in range(AUTO_TRIALS):
             for name, fn in _KERNELS.items():
-                t0 = time.perf_counter()
+                t0 = clock()
                 fn(mat, x)
-                best[name] = min(best[name], time.perf_counter() - t0)
+                best[name] = min(best[name], clock() - t0)
     choice = min(best, key=best.__getitem__)
     _CHOICES[key] = (weakref.ref(mat, lambda _r, k=key: _CHOICES.pop(k, None)), choice, best)
     return choice
@@ -199,18 +202,19 @@ def spmm(g: SparseGraph, x: torch.Tensor) -> torch.Tensor:
 
 
 class _RowsSpMM(torch.autograd.Function):
-    """``A[S] @ x`` with SciPy's CSR kernel (CPU): the forward reads only the rows ``S``; the
-    backward is ``A[S]^T @ g``, again only ``|S|`` rows of work."""
+    """``A[S] @ [x, frozen]`` with SciPy's CSR kernel (CPU): the forward reads only the rows
+    ``S``, in one product over ``x``'s columns and the optional ``frozen`` ones after them; the
+    backward is ``A[S]^T @ g`` over ``x``'s columns only, again ``|S|`` rows of work."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, A_rows: sp.csr_matrix) -> torch.Tensor:  # type: ignore[override]
-        ctx.A_rows = A_rows
-        return _host_mm(A_rows, x)
+    def forward(ctx, x: torch.Tensor, A_rows: sp.csr_matrix, frozen: torch.Tensor | None) -> torch.Tensor:  # type: ignore[override]
+        ctx.A_rows, ctx.width = A_rows, x.shape[1]
+        return _host_mm(A_rows, x if frozen is None else torch.cat([x, frozen], 1))
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):  # type: ignore[override]
         # SciPy's CSC-times-dense kernel is about 2.5x slower than converting to CSR first
-        return _host_mm(ctx.A_rows.T.tocsr(), g), None
+        return _host_mm(ctx.A_rows.T.tocsr(), g[:, : ctx.width]), None, None
 
 
 def host_kernels(device: torch.device | str) -> bool:
@@ -238,20 +242,25 @@ def scipy_view(mat: torch.Tensor) -> sp.csr_matrix:
     return view
 
 
-def propagate(g: SparseGraph, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+def propagate(g: SparseGraph, x: torch.Tensor, rows: torch.Tensor | None = None, *,
+              frozen: torch.Tensor | None = None) -> torch.Tensor:
     """One propagation step ``A @ x``, or ``A[rows] @ x`` (``[len(rows), d]``) when the caller
-    reads only those output rows: the single sparse layer every model uses.
+    reads only those output rows: the single sparse layer every model uses. ``frozen``: more
+    input columns, after ``x``'s, whose outputs need no gradient (a detached branch): one product
+    over all columns, a backward over ``x``'s only (row subsets on the CPU; elsewhere autograd
+    skips them by itself).
 
     Kernels (a documented rule): full products as :func:`full_kernel` decides (torch's CSR
     kernel off the CPU; on the CPU the faster of torch's and SciPy's, measured per matrix); row subsets on the CPU use SciPy's CSR row slices and kernels (torch has no
     CSR row gather on the CPU); on other devices the full product is computed and the rows taken
     from it."""
-    if rows is None:
-        return spmm(g, x)
-    if not host_kernels(g.mat.device):
-        return spmm(g, x)[rows]
+    if rows is None or not host_kernels(g.mat.device):
+        out = spmm(g, x if frozen is None else torch.cat([x, frozen.detach()], 1))
+        return out if rows is None else out[rows]
     A_rows = scipy_view(g.mat)[rows.cpu().numpy()]
-    return _RowsSpMM.apply(x, A_rows) if x.requires_grad else _host_mm(A_rows, x)
+    if x.requires_grad:
+        return _RowsSpMM.apply(x, A_rows, None if frozen is None else frozen.detach())
+    return _host_mm(A_rows, x if frozen is None else torch.cat([x, frozen], 1))
 
 
 def lightgcn_stack(
@@ -267,28 +276,172 @@ def lightgcn_stack(
     (``1..L`` without ``include_ego``) by ``mean`` or ``sum``.
 
     ``rows=None``: ``[N, d]``. With ``rows`` (node indices): only those output rows,
-    ``[len(rows), d]``; layers ``1..L-1`` are still computed over all nodes (the last layer reads
-    them), the last one only at ``rows`` (:func:`propagate`). The sum runs in layer
-    order either way, so both give the same numbers (up to the sparse kernel's rounding)."""
+    ``[len(rows), d]`` (:func:`lightgcn_rows`, which also returns ``x[rows]``). The sum runs in
+    layer order either way, so both give the same numbers (up to the sparse kernel's rounding)."""
+    if rows is not None:
+        return lightgcn_rows(g, x, n_layers, rows, include_ego=include_ego, agg=agg)[0]
+    _check_agg(agg)
     acc: torch.Tensor | None = x if include_ego else None
     h = x
-    for n in range(n_layers):
-        if rows is not None and n == n_layers - 1:
-            h_last = propagate(g, h, rows)
-            acc = h_last if acc is None else acc[rows] + h_last
-            break
+    for _ in range(n_layers):
         h = propagate(g, h)
         acc = h if acc is None else acc + h
-    else:  # no layer at rows (n_layers == 0)
-        if acc is None:
-            acc = torch.zeros_like(x)
-        if rows is not None:
-            acc = acc[rows]
-    if agg == "mean":
-        acc = acc / (n_layers + int(include_ego))
-    elif agg != "sum":
+    if acc is None:
+        acc = torch.zeros_like(x)
+    return acc / (n_layers + int(include_ego)) if agg == "mean" else acc
+
+
+def _check_agg(agg: str) -> None:
+    if agg not in ("mean", "sum"):
         raise ValueError(f"unknown layer aggregation {agg!r}; use 'mean' or 'sum'")
-    return acc
+
+
+class _LayerAndRows(torch.autograd.Function):
+    """``(A @ h, h[rows])`` from the products ``fwd`` (``A @ h``) and ``bwd`` (``A^T @ g``).
+
+    Why: the LightGCN sum at the batch's rows reads each layer only at ``rows``. Gathering them
+    here lets the backward add the rows' gradient in place into the fresh ``A^T @ g``
+    (``index_add_``, ``|rows|`` rows of work) instead of autograd's zeros ``[N, d]`` scatter
+    plus an ``[N, d]`` sum per layer, and the forward never sums ``[N, d]`` layers."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, rows: torch.Tensor, fwd: Callable[[torch.Tensor], torch.Tensor],  # type: ignore[override]
+                bwd: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        ctx.rows, ctx.bwd, ctx.shape = rows, bwd, h.shape
+        ctx.set_materialize_grads(False)
+        return fwd(h.detach()), h.index_select(0, rows)
+
+    @staticmethod
+    def backward(ctx, g_out: torch.Tensor | None, g_rows: torch.Tensor | None):  # type: ignore[override]
+        grad = ctx.bwd(g_out.contiguous()) if g_out is not None else None
+        if g_rows is not None:
+            grad = g_rows.new_zeros(ctx.shape) if grad is None else grad
+            grad.index_add_(0, ctx.rows, g_rows)
+        return grad, None, None, None
+
+
+def _layer_products(g: SparseGraph, rows: torch.Tensor | None) -> tuple[Callable[[torch.Tensor], torch.Tensor],
+                                                                        Callable[[torch.Tensor], torch.Tensor]]:
+    """``(fwd, bwd)``: ``A @ h`` and ``A^T @ g`` (``rows=None``), or ``A[rows] @ h`` and
+    ``A[rows]^T @ g``, on the kernels :func:`propagate` uses (the same numbers)."""
+    if rows is None:
+        return (lambda h: full_product(g.mat, h)), (lambda gr: full_product(g.mat_t, gr))
+    if not host_kernels(g.mat.device):  # the full product, then the rows (as propagate does)
+        def scatter_back(gr: torch.Tensor) -> torch.Tensor:
+            return full_product(g.mat_t, gr.new_zeros(g.shape[0], gr.shape[1]).index_copy_(0, rows, gr))
+        return (lambda h: full_product(g.mat, h).index_select(0, rows)), scatter_back
+    A_rows = scipy_view(g.mat)[rows.cpu().numpy()]
+    # SciPy's CSC-times-dense kernel is about 2.5x slower than converting to CSR first
+    return (lambda h: _host_mm(A_rows, h)), (lambda gr: _host_mm(A_rows.T.tocsr(), gr))
+
+
+def lightgcn_rows(
+    g: SparseGraph, x: torch.Tensor, n_layers: int, rows: torch.Tensor, *, include_ego: bool = True, agg: str = "mean"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(lightgcn_stack(..., rows=rows), x[rows])``: layers ``1..L-1`` over all nodes (the next
+    layer reads them), the last only at ``rows``; every layer enters the sum through its rows
+    alone (:class:`_LayerAndRows`), added in layer order as :func:`lightgcn_stack` does.
+    ``x[rows]`` comes back because callers read it too (L2 on the ego rows, residuals) and
+    one gather serves both."""
+    _check_agg(agg)
+    rows = rows.long()
+    if n_layers == 0:
+        x_rows = x.index_select(0, rows)
+        acc = x_rows if include_ego else torch.zeros_like(x_rows)
+        return (acc / int(include_ego) if agg == "mean" else acc), x_rows  # 0/0 without ego, as over all nodes
+    parts: list[torch.Tensor] = []
+    h, x_rows = x, None
+    for n in range(n_layers):
+        fwd, bwd = _layer_products(g, rows if n == n_layers - 1 else None)
+        h, h_rows = _LayerAndRows.apply(h, rows, fwd, bwd)
+        if n == 0:
+            x_rows = h_rows
+        if n > 0 or include_ego:
+            parts.append(h_rows)
+    parts.append(h)
+    acc = parts[0]
+    for p in parts[1:]:
+        acc = acc + p
+    assert x_rows is not None
+    return (acc / (n_layers + int(include_ego)) if agg == "mean" else acc), x_rows
+
+
+class _StackBlock(torch.autograd.Function):
+    """A LightGCN block over all nodes, ``out = agg(layers) [+ x]``, also returning ``out[R]`` for
+    each ``R`` of ``out_rows`` and ``x[R]`` for each of ``in_rows``.
+
+    Why: a cascade (BiGEL's CGL) needs every block's whole output (the next block reads it) but
+    reads it elsewhere only at batch rows. Autograd would add a zeros ``[N, d]`` scatter and an
+    ``[N, d]`` sum per gather and per layer; here the forward sums the layers in one buffer (in
+    layer order, the same numbers) and the backward runs the layers' chain rule in place:
+    ``s = g / n``, ``g_l = s + A^T g_{l+1}``, ``g_x = [s] + [g] + A^T g_1``, each ``+`` an
+    in-place add into a fresh product, the gathered rows' gradients added with ``index_add_``."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, g: SparseGraph, n_layers: int, include_ego: bool, mean: bool,  # type: ignore[override]
+                residual: bool, out_rows: list[torch.Tensor], in_rows: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        if n_layers < 1:
+            raise ValueError("_StackBlock needs n_layers >= 1 (lightgcn_block handles 0)")
+        ctx.g, ctx.L, ctx.ego, ctx.res, ctx.out_rows, ctx.in_rows = g, n_layers, include_ego, residual, out_rows, in_rows
+        ctx.shape = x.shape
+        ctx.n = (n_layers + int(include_ego)) if mean else None
+        ctx.set_materialize_grads(False)
+        xd = x.detach()
+        h, acc = xd, None
+        for _ in range(n_layers):  # layer 1's output becomes the sum buffer (it is read only once)
+            h = full_product(g.mat, h)
+            acc = (xd + h if include_ego else h) if acc is None else acc.add_(h)
+        assert acc is not None
+        if ctx.n is not None:
+            acc = acc.div_(ctx.n)
+        if residual:
+            acc = acc.add_(xd)
+        return (acc, *(acc.index_select(0, r) for r in out_rows), *(xd.index_select(0, r) for r in in_rows))
+
+    @staticmethod
+    def backward(ctx, g_out: torch.Tensor | None, *g_rows: torch.Tensor | None):  # type: ignore[override]
+        k = len(ctx.out_rows)
+        g_o, g_i = g_rows[:k], g_rows[k:]
+        if g_out is None:
+            g_out = next(t for t in g_rows if t is not None).new_zeros(ctx.shape)
+        s = g_out / ctx.n if ctx.n is not None else g_out.clone()
+        for r, gr in zip(ctx.out_rows, g_o):
+            if gr is not None:
+                s.index_add_(0, r, gr / ctx.n if ctx.n is not None else gr)
+        grad = s
+        for _ in range(ctx.L - 1):
+            grad = full_product(ctx.g.mat_t, grad.contiguous()).add_(s)
+        grad = full_product(ctx.g.mat_t, grad.contiguous())
+        if ctx.ego:
+            grad.add_(s)
+        if ctx.res:
+            grad.add_(g_out)
+            for r, gr in zip(ctx.out_rows, g_o):
+                if gr is not None:
+                    grad.index_add_(0, r, gr)
+        for r, gr in zip(ctx.in_rows, g_i):
+            if gr is not None:
+                grad.index_add_(0, r, gr)
+        return grad, None, None, None, None, None, None, None
+
+
+def lightgcn_block(
+    g: SparseGraph, x: torch.Tensor, n_layers: int, *, include_ego: bool = True, agg: str = "mean",
+    residual: bool = False, out_rows: tuple[torch.Tensor, ...] = (), in_rows: tuple[torch.Tensor, ...] = ()
+) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """``(out, [out[R] for R in out_rows], [x[R] for R in in_rows])`` with ``out =
+    lightgcn_stack(g, x, n_layers, ...)`` over all nodes ``[+ x]`` (``residual``), the same
+    numbers; one :class:`_StackBlock` (fused backward) when ``x`` needs a gradient and
+    ``n_layers >= 1``, else plain autograd. Rows may repeat (the gradients add up)."""
+    _check_agg(agg)
+    out_rows, in_rows = tuple(r.long() for r in out_rows), tuple(r.long() for r in in_rows)
+    if n_layers == 0 or not (x.requires_grad and torch.is_grad_enabled()):
+        out = lightgcn_stack(g, x, n_layers, include_ego=include_ego, agg=agg)
+        out = out + x if residual else out
+        return out, [out.index_select(0, r) for r in out_rows], [x.index_select(0, r) for r in in_rows]
+    res = _StackBlock.apply(x, g, n_layers, include_ego, agg == "mean", residual, list(out_rows), list(in_rows))
+    k = 1 + len(out_rows)
+    return res[0], list(res[1:k]), list(res[k:])
 
 
 def node_rows(*ids: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:

@@ -69,8 +69,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from mbrec.data.container import MultiBehaviorData
+from mbrec.dense import matmul
 from mbrec.errors import ConfigError
-from mbrec.graph import SparseGraph, bipartite, lightgcn_stack, normalize_sym, to_device
+from mbrec.graph import SparseGraph, bipartite, lightgcn_block, lightgcn_rows, lightgcn_stack, normalize_sym, to_device
 from mbrec.losses import bpr, info_nce, l2
 from mbrec.models.base import Model, ModelConfig, register
 from mbrec.options import option
@@ -227,6 +228,27 @@ class BiGEL(Model):
             outs.append(e)
         return outs
 
+    def _cascade_rows(self, graphs: Mapping[str, Any], sets: Mapping[str, Any], ego: torch.Tensor
+                      ) -> tuple[list[torch.Tensor], torch.Tensor, list[torch.Tensor]]:
+        """:meth:`cascade` as training reads it: ``(aux, target, ego_rows)`` with ``aux[k]`` the
+        auxiliary block ``k``'s ``e^(k)`` at ``sets["aux"][k]``, ``target`` the target's at
+        ``sets["target"]`` and ``ego_rows[k]`` ``ego`` at ``sets["reg"][k]``. The auxiliary blocks
+        gather their rows inside :func:`lightgcn_block` (a backward without ``[N, d]`` scatters;
+        the first also gathers the ego rows for L2), the target block runs at its rows only."""
+        c, K = self.config, len(self.layers)
+        x, aux = ego, []
+        ego_rows: list[torch.Tensor] = [ego.index_select(0, r) for r in sets["reg"]] if K == 1 else []
+        for k, (g, n_layers) in enumerate(zip(graphs["behavior"][:-1], self.layers[:-1])):
+            out, (e_rows,), got = lightgcn_block(g, x, n_layers, include_ego=False, agg=c.layer_agg,
+                                                 residual=c.residual == "output", out_rows=(sets["aux"][k],),
+                                                 in_rows=tuple(sets["reg"]) if k == 0 else ())
+            ego_rows = got if k == 0 else ego_rows
+            aux.append(e_rows)
+            x = out + x if c.residual == "handover" else out
+        T = sets["target"]
+        prop, x_rows = lightgcn_rows(graphs["behavior"][-1], x, self.layers[-1], T, include_ego=False, agg=c.layer_agg)
+        return aux, (prop + x_rows if c.residual == "output" else prop), ego_rows
+
     def _enhance(self, gate: Gate, base: torch.Tensor, add: torch.Tensor, target: torch.Tensor,
                  is_user: torch.Tensor | None = None) -> torch.Tensor:
         """base + gate(base[, target]) * add, on users (and items when ``enhance_items``).
@@ -285,7 +307,8 @@ class BiGEL(Model):
         glob: torch.Tensor | None = None
         if self.needs_global and not (c.use_cpa and c.cpa_negatives == "full"):
             glob = torch.unique(torch.cat([reads if c.use_gce else empty, cpa_rows]))
-        return {"aux": aux, "target": torch.unique(torch.cat(target_parts)), "glob": glob}
+        reg = [torch.cat([u, n + i, n + j]) for u, i, j in trip] if c.reg_scope == "batch" else []
+        return {"aux": aux, "target": torch.unique(torch.cat(target_parts)), "glob": glob, "reg": reg}
 
     def encode_rows(self, graphs: Mapping[str, Any], sets: Mapping[str, Any]) -> dict[str, Any]:
         """:meth:`encode` at the rows of :meth:`row_sets` only: ``aux`` ({behavior: its enhanced
@@ -295,8 +318,7 @@ class BiGEL(Model):
         c, n = self.config, self.n_users
         T, G = sets["target"], sets["glob"]
         ego = self._ego()
-        cgl = self.cascade(graphs, target_rows=T, ego=ego)
-        target = cgl[-1]
+        cgl_rows, target, ego_rows = self._cascade_rows(graphs, sets, ego)
         glob = self._global(graphs, G, ego=ego) if self.needs_global else None
 
         def at(x: torch.Tensor, have: torch.Tensor | None, want: torch.Tensor) -> torch.Tensor:
@@ -306,13 +328,13 @@ class BiGEL(Model):
                 return x[want]
             if len(have) == 0:
                 return x.new_zeros(len(want), x.shape[1])
-            return x[torch.searchsorted(have, want).clamp_max(len(have) - 1)]
+            return x.index_select(0, torch.searchsorted(have, want).clamp_max(len(have) - 1))
 
         aux: dict[str, torch.Tensor] = {}
         source: torch.Tensor | None = None
         for k in range(len(self.order) - 2, -1, -1):  # auxiliaries, downstream first (for "chain")
             b, R = self.order[k], sets["aux"][k]
-            e = cgl[k][R]
+            e = cgl_rows[k]
             fb = at(target, T, R)
             if c.cgf_detach:
                 fb = fb.detach()
@@ -324,7 +346,7 @@ class BiGEL(Model):
             aux[b] = e
             if c.cgf_source == "chain":
                 source = e  # the same rows: every auxiliary uses the union with "chain"
-        return {"aux": aux, "target": target, "glob": glob, "ego": ego}
+        return {"aux": aux, "target": target, "glob": glob, "ego_rows": ego_rows}
 
     def forward(self, graphs: Mapping[str, Any]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:  # type: ignore[override]
         final = self.encode(graphs)["final"]
@@ -333,7 +355,7 @@ class BiGEL(Model):
     def score(self, emb: Mapping[str, tuple[torch.Tensor, torch.Tensor]], users: torch.Tensor, behavior: str) -> torch.Tensor:
         self.check_behavior(behavior)
         u, i = emb[behavior]
-        return u[users] @ i.T
+        return matmul(u[users], i.T)
 
     # ------------------------------------------------------------------ loss
     def cpa_loss(self, target: torch.Tensor, glob: torch.Tensor, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
@@ -394,12 +416,11 @@ class BiGEL(Model):
             if len(Uk) == 0:  # "each": a behavior with fewer pairs than batches has empty batches
                 terms[f"bpr_{b}"] = torch.zeros((), device=dev)
                 continue
-            u, i, j = (e[torch.searchsorted(rows, ids)] for ids in (Uk, n + Pk, n + Nk))
+            u, i, j = (e.index_select(0, torch.searchsorted(rows, ids)) for ids in (Uk, n + Pk, n + Nk))
             terms[f"bpr_{b}"] = bpr((u * i).sum(-1), (u * j).sum(-1), form=c.bpr_form)
             total = total + self.task_weights[b] * terms[f"bpr_{b}"]
-            if c.reg_scope == "batch":  # one gather of the ego rows (one scatter in the backward)
-                ego_rows = enc["ego"][torch.cat([Uk, n + Pk, n + Nk])]
-                reg = reg + 0.5 * l2(*ego_rows.tensor_split(3)) / len(Uk)
+            if c.reg_scope == "batch":  # the ego rows, gathered in the cascade (sets["reg"])
+                reg = reg + 0.5 * l2(*enc["ego_rows"][k].tensor_split(3)) / len(Uk)
         if c.reg_scope == "all":
             reg = l2(*self.parameters())
         terms["reg"] = c.reg * reg
@@ -407,7 +428,7 @@ class BiGEL(Model):
         if cpa_ids is not None:
             users, items = cpa_ids
             T, G, glob = sets["target"], sets["glob"], enc["glob"]
-            t_u, t_i = (enc["target"][torch.searchsorted(T, ids)] for ids in (users, n + items))
+            t_u, t_i = (enc["target"].index_select(0, torch.searchsorted(T, ids)) for ids in (users, n + items))
             g_u = g_i = None
             if c.cpa_negatives == "in_batch":
                 g_u, g_i = ((glob[ids] if G is None else glob[torch.searchsorted(G, ids)]) for ids in (users, n + items))
@@ -433,12 +454,12 @@ class BiGEL(Model):
         sets = self.row_sets(trip, cpa_ids)
         out: list[Any] = []
         for k, (b, g, L) in enumerate(zip(self.order, graphs["behavior"], self.layers)):
-            last = len(sets["target"]) if k == K - 1 else None  # type: ignore[arg-type]
+            last = sets["target"] if k == K - 1 else None
             out += [SparseProduct(f"CGL {b} layer {m + 1}", g, d, rows=last if m == L - 1 else None) for m in range(L)]
         if self.needs_global:
             G, Lg = sets["glob"], c.global_layers
             out += [SparseProduct(f"global layer {m + 1}", graphs["global"], d,
-                                  rows=len(G) if (G is not None and m == Lg - 1) else None) for m in range(Lg)]
+                                  rows=G if (G is not None and m == Lg - 1) else None) for m in range(Lg)]
         d_gate = 2 * d if c.gate_input == "aux_target" else d
         for k, b in enumerate(self.order[:-1]):
             r = len(sets["aux"][k])

@@ -56,6 +56,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mbrec.data.container import MultiBehaviorData
+from mbrec.dense import matmul
 from mbrec.errors import ConfigError
 from mbrec.graph import SparseGraph, bipartite, normalize_sym, propagate, to_device
 from mbrec.losses import bpr, info_nce, l2
@@ -194,13 +195,20 @@ class COPF(Model):
         task share task k's graph: one product per layer on ``[N, (K-1) d]``. Without ``rows``
         each expert is ``[U+I, d]`` (all nodes). With ``rows[k]`` (the sorted nodes task k's loss
         reads) the last layer is computed at those rows only and task k's experts are the
-        compact ``[len(rows[k]), d]`` rows (gather them with :meth:`_row_map`)."""
+        compact ``[len(rows[k]), d]`` rows (gather them with :meth:`_row_map`), and the experts a
+        training step detaches (:meth:`_detached`) come back detached."""
         c, K, d = self.config, self.K, self.config.embedding_dim
         out: dict[tuple[int, int], torch.Tensor] = {}
         for k in range(K) if tasks is None else tasks:
+            # training path (rows given): the experts a training step detaches go last and come
+            # back detached; the last layer's backward then covers only the others' columns
             others = [j for j in range(K) if j != k]
+            frozen = [j for j in others if rows is not None and self._detached(j)]
+            order = [j for j in others if j not in frozen] + frozen
             # F0 = (alpha e^j + beta e^k) / 2 as 0.5 alpha (e^j + (beta / alpha) e^k): two passes per expert
-            f = torch.cat([_mix(e[j], e[k], c.alpha, c.beta) for j in others], 1)  # [N, (K-1)d]
+            with torch.no_grad():
+                f_frozen = [_mix(e[j], e[k], c.alpha, c.beta) for j in frozen]
+            f = torch.cat([_mix(e[j], e[k], c.alpha, c.beta) for j in order[: len(order) - len(frozen)]] + f_frozen, 1)
             r, total = self.beh_emb[k], f
             S = None if rows is None else rows.get(k)
             L = self.mtl_layers[k]
@@ -212,16 +220,26 @@ class COPF(Model):
                     # A (F * r) = (A F) * r (r scales columns): the scale runs on the read rows only
                     f_S = f[S]
                     base = 2.0 * f_S if total is f else total[S] + f_S
-                    total = torch.addcmul(base, propagate(graphs["own"][k], f, S), rr)
+                    live = (len(others) - len(frozen)) * d
+                    product = (propagate(graphs["own"][k], f[:, :live], S, frozen=f[:, live:])
+                               if 0 < live < f.shape[1] and layer == 0 else propagate(graphs["own"][k], f, S))
+                    total = torch.addcmul(base, product, rr)
                     break
                 f = propagate(graphs["own"][k], f * rr) + f
                 total = total + f
             else:
                 if S is not None:
                     total = total[S]
-            for n, j in enumerate(others):
-                out[(k, j)] = c.fit_scale * total[:, n * d : (n + 1) * d]
+            for n, j in enumerate(order):
+                x = c.fit_scale * total[:, n * d : (n + 1) * d]
+                out[(k, j)] = x.detach() if j in frozen else x
         return out
+
+    def _detached(self, j: int) -> bool:
+        """Whether a training step detaches behavior j's fitting expert (the stop-gradient setting:
+        ``intended`` the target's, ``all`` every one)."""
+        sg = self.spec["stop_gradient"]
+        return (sg == "intended" and j == self.K - 1) or (sg == "all" and self.spec["fitting"])
 
     def _row_map(self, rows: torch.Tensor) -> torch.Tensor:
         """``where[node]`` = the node's position in the sorted ``rows`` (-1 elsewhere)."""
@@ -246,8 +264,7 @@ class COPF(Model):
             if j == k:
                 continue
             x = fit[(k, j)] if self.spec["fitting"] else e[j]
-            sg = self.spec["stop_gradient"]
-            if train and ((sg == "intended" and j == K - 1) or (sg == "all" and self.spec["fitting"])):
+            if train and self._detached(j):
                 x = x.detach()
             ex.append(x)
         return ex
@@ -335,8 +352,7 @@ class COPF(Model):
                 live = [j for j in others if not (self.spec["stop_gradient"] == "intended" and j == K - 1)]
                 if self.spec["stop_gradient"] == "all":
                     live = []
-                rows = int(torch.unique(batch[f"users_{k}"]).numel()
-                           + torch.unique(torch.cat([batch[f"pos_{k}"], batch[f"neg_{k}"]])).numel())
+                rows = torch.unique(torch.cat([batch[f"users_{k}"], U + batch[f"pos_{k}"], U + batch[f"neg_{k}"]]))
                 L = self.mtl_layers[k]
                 for n in range(L):
                     out.append(SparseProduct(f"fitting experts {self.behaviors[k]} layer {n + 1}", graphs["own"][k],
@@ -360,7 +376,7 @@ class COPF(Model):
         k, U = self.behaviors.index(behavior), self.n_users
         if self.spec["head"] != "dfme":
             e = emb["e"][-1 if self.spec["head"] == "shared" else k]
-            return self.head.tower_scale * (e[users] * self.bilinear[k]) @ e[U:].T
+            return self.head.tower_scale * matmul(e[users] * self.bilinear[k], e[U:].T)
         e = emb["e"][k]
         ex = self._experts(emb, k, train=False)
         return self.head.full(k, e[users], e[U:], [(x[users], x[U:]) for x in ex])

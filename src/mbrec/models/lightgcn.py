@@ -16,9 +16,9 @@ Options (``mode``):
 
 Sampler: :class:`mbrec.sampling.InteractionSampler`. More: ``docs/models/lightgcn.md``.
 
-Training computes the last layer only at the rows the batch reads (:func:`lightgcn_stack` with
-``rows``); :func:`lightgcn_stack` and :func:`node_rows` are the LightGCN layer loop and the batch
-row set that MB-CGCN and BiGEL use too.
+Training computes the last layer only at the rows the batch reads, and sums the layers only at
+those rows (:func:`mbrec.graph.lightgcn_rows`); :func:`lightgcn_stack` and :func:`node_rows` are
+the LightGCN layer loop and the batch row set that MB-CGCN and BiGEL use too.
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ import torch
 from torch import nn
 
 from mbrec.data.container import MultiBehaviorData
-from mbrec.graph import SparseGraph, bipartite, lightgcn_stack, node_rows, normalize_sym, to_device
+from mbrec.dense import matmul
+from mbrec.graph import SparseGraph, bipartite, lightgcn_rows, lightgcn_stack, node_rows, normalize_sym, to_device
 from mbrec.losses import bpr, l2
 from mbrec.models.base import Model, ModelConfig, register
 from mbrec.options import option
@@ -95,11 +96,11 @@ class LightGCN(Model):
         u, i, j = batch["users"].long(), batch["pos"].long(), batch["neg"].long()
         nodes = (self._nodes(b, u, False), self._nodes(b, i, True), self._nodes(b, j, True))
         rows, (pu, pi, pj) = node_rows(*nodes)
-        emb = lightgcn_stack(graphs, self.embedding, self.cfg.n_layers, rows=rows)  # only the batch's rows
-        eu, ei, ej = emb[pu], emb[pi], emb[pj]
+        # only the batch's rows; the ego rows come from the same gather (L2 reads them too)
+        emb, ego = lightgcn_rows(graphs, self.embedding, self.cfg.n_layers, rows)
+        eu, ei, ej = (emb.index_select(0, p) for p in (pu, pi, pj))  # index_select: a cheaper gather than x[p]
         main = bpr((eu * ei).sum(1), (eu * ej).sum(1))
-        ego = self.embedding[rows]  # one gather (one scatter in the backward) for the three terms
-        reg = 0.5 * l2(ego[pu], ego[pi], ego[pj]) / len(u)
+        reg = 0.5 * l2(*(ego.index_select(0, p) for p in (pu, pi, pj))) / len(u)
         return {"loss": main + self.cfg.reg * reg, "bpr": main, "reg": reg}
 
     # ------------------------------------------------------------------ floor (mbrec bench)
@@ -113,13 +114,13 @@ class LightGCN(Model):
         b = batch["b"].long() if self.n_tables > 1 else torch.zeros_like(batch["users"]).long()
         rows, _ = node_rows(self._nodes(b, batch["users"].long(), False), self._nodes(b, batch["pos"].long(), True),
                             self._nodes(b, batch["neg"].long(), True))
-        return [SparseProduct(f"layer {n + 1}", graphs, d, rows=len(rows) if n == L - 1 else None) for n in range(L)]
+        return [SparseProduct(f"layer {n + 1}", graphs, d, rows=rows if n == L - 1 else None) for n in range(L)]
 
     def score(self, emb: torch.Tensor, users: torch.Tensor, behavior: str) -> torch.Tensor:
         self.check_behavior(behavior)
         t = self.behaviors.index(behavior) if self.n_tables > 1 else 0
         table = emb[t]
-        return table[users] @ table[self.n_users :].T
+        return matmul(table[users], table[self.n_users :].T)
 
     @property
     def scored_behaviors(self) -> tuple[str, ...]:
