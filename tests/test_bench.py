@@ -12,7 +12,7 @@ import torch
 from mbrec.bench import DenseProduct, SparseProduct, bench, time_dense, time_sparse
 from mbrec.cli.main import main
 from mbrec.config import build_config
-from mbrec.graph import lightgcn_stack, propagate, spmm, to_device
+from mbrec.graph import lightgcn_stack, propagate, propagate_with_rows, spmm, to_device
 from mbrec.losses import table_logsumexp
 
 
@@ -35,23 +35,20 @@ def test_propagate_rows_equal_the_full_product_in_values_and_gradients(graph, ro
     assert torch.allclose(got, want, atol=1e-6) and torch.allclose(g_got, g_want, atol=1e-5)
 
 
-@pytest.mark.parametrize("rows", [None, [0, 7, 7, 31, 49]])
-def test_propagate_frozen_columns_one_product_gradient_for_x_only(graph, rows) -> None:
-    """``frozen`` columns ride in the same product; the gradient reaches ``x`` exactly as when
-    the frozen part is detached after a product over all columns."""
+@pytest.mark.parametrize("with_frozen", [False, True])
+def test_propagate_with_rows_equals_product_and_gather(graph, with_frozen) -> None:
+    """``(A[rows] @ [x, frozen], x[rows])`` in values and in the gradient reaching ``x``, against
+    the plain product over all columns (the frozen part detached) and an indexing gather."""
     x = torch.randn(40, 4, requires_grad=True)
-    frozen = torch.randn(40, 3)
-    r = None if rows is None else torch.tensor(rows)
-    w = torch.randn(50 if rows is None else len(rows), 7)
-    got = propagate(graph, x, r, frozen=frozen)
-    (g_got,) = torch.autograd.grad((got * w).sum(), x)
-    full = spmm(graph, torch.cat([x, frozen], 1))
-    want = full if r is None else full[r]
-    (g_want,) = torch.autograd.grad((want * w).sum(), x)
-    assert got.shape == want.shape and torch.allclose(got, want, atol=1e-6)
+    frozen = torch.randn(40, 3) if with_frozen else None
+    rows = torch.tensor([0, 7, 31, 39])
+    w_out, w_rows = torch.randn(4, 7 if with_frozen else 4), torch.randn(4, 4)
+    out, x_rows = propagate_with_rows(graph, x, rows, frozen=frozen)
+    (g_got,) = torch.autograd.grad((out * w_out).sum() + (x_rows * w_rows).sum(), x)
+    full = spmm(graph, x if frozen is None else torch.cat([x, frozen], 1))[rows]
+    (g_want,) = torch.autograd.grad((full * w_out).sum() + (x[rows] * w_rows).sum(), x)
+    assert out.shape == full.shape and torch.allclose(out, full, atol=1e-6) and torch.equal(x_rows, x[rows])
     assert torch.allclose(g_got, g_want, atol=1e-5)
-    with torch.no_grad():
-        assert torch.allclose(propagate(graph, x, r, frozen=frozen), want, atol=1e-6)
 
 
 def test_sparse_product_rows_as_indices_or_count(graph) -> None:

@@ -101,3 +101,15 @@ def test_apply_threads_sets_torch_and_numpy_blas():
         assert all(p["num_threads"] == 1 for p in threadpool_info() if p["user_api"] == "blas")
     finally:
         apply_threads(before)
+
+
+@pytest.mark.parametrize("kernel", ["torch", "numpy"])
+def test_exp_in_place_agrees_with_torch(gemm, kernel):
+    gemm(kernel)
+    x = torch.linspace(-80.0, 5.0, 300 * 400).reshape(300, 400)
+    want = torch.exp(x)
+    got = dense.exp_(x)
+    assert got is x and x.numel() >= dense.MIN_OUTPUT
+    torch.testing.assert_close(got, want, rtol=2e-6, atol=0.0)
+    small = torch.tensor([0.0, 1.0])
+    assert torch.equal(dense.exp_(small), torch.exp(torch.tensor([0.0, 1.0])))

@@ -202,19 +202,18 @@ def spmm(g: SparseGraph, x: torch.Tensor) -> torch.Tensor:
 
 
 class _RowsSpMM(torch.autograd.Function):
-    """``A[S] @ [x, frozen]`` with SciPy's CSR kernel (CPU): the forward reads only the rows
-    ``S``, in one product over ``x``'s columns and the optional ``frozen`` ones after them; the
-    backward is ``A[S]^T @ g`` over ``x``'s columns only, again ``|S|`` rows of work."""
+    """``A[S] @ x`` with SciPy's CSR kernel (CPU): the forward reads only the rows ``S``; the
+    backward is ``A[S]^T @ g``, again only ``|S|`` rows of work."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, A_rows: sp.csr_matrix, frozen: torch.Tensor | None) -> torch.Tensor:  # type: ignore[override]
-        ctx.A_rows, ctx.width = A_rows, x.shape[1]
-        return _host_mm(A_rows, x if frozen is None else torch.cat([x, frozen], 1))
+    def forward(ctx, x: torch.Tensor, A_rows: sp.csr_matrix) -> torch.Tensor:  # type: ignore[override]
+        ctx.A_rows = A_rows
+        return _host_mm(A_rows, x)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):  # type: ignore[override]
         # SciPy's CSC-times-dense kernel is about 2.5x slower than converting to CSR first
-        return _host_mm(ctx.A_rows.T.tocsr(), g[:, : ctx.width]), None, None
+        return _host_mm(ctx.A_rows.T.tocsr(), g), None
 
 
 def host_kernels(device: torch.device | str) -> bool:
@@ -242,25 +241,20 @@ def scipy_view(mat: torch.Tensor) -> sp.csr_matrix:
     return view
 
 
-def propagate(g: SparseGraph, x: torch.Tensor, rows: torch.Tensor | None = None, *,
-              frozen: torch.Tensor | None = None) -> torch.Tensor:
+def propagate(g: SparseGraph, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
     """One propagation step ``A @ x``, or ``A[rows] @ x`` (``[len(rows), d]``) when the caller
-    reads only those output rows: the single sparse layer every model uses. ``frozen``: more
-    input columns, after ``x``'s, whose outputs need no gradient (a detached branch): one product
-    over all columns, a backward over ``x``'s only (row subsets on the CPU; elsewhere autograd
-    skips them by itself).
+    reads only those output rows: the single sparse layer every model uses.
 
     Kernels (a documented rule): full products as :func:`full_kernel` decides (torch's CSR
     kernel off the CPU; on the CPU the faster of torch's and SciPy's, measured per matrix); row subsets on the CPU use SciPy's CSR row slices and kernels (torch has no
     CSR row gather on the CPU); on other devices the full product is computed and the rows taken
     from it."""
-    if rows is None or not host_kernels(g.mat.device):
-        out = spmm(g, x if frozen is None else torch.cat([x, frozen.detach()], 1))
-        return out if rows is None else out[rows]
+    if rows is None:
+        return spmm(g, x)
+    if not host_kernels(g.mat.device):
+        return spmm(g, x)[rows]
     A_rows = scipy_view(g.mat)[rows.cpu().numpy()]
-    if x.requires_grad:
-        return _RowsSpMM.apply(x, A_rows, None if frozen is None else frozen.detach())
-    return _host_mm(A_rows, x if frozen is None else torch.cat([x, frozen], 1))
+    return _RowsSpMM.apply(x, A_rows) if x.requires_grad else _host_mm(A_rows, x)
 
 
 def lightgcn_stack(
@@ -320,19 +314,40 @@ class _LayerAndRows(torch.autograd.Function):
         return grad, None, None, None
 
 
-def _layer_products(g: SparseGraph, rows: torch.Tensor | None) -> tuple[Callable[[torch.Tensor], torch.Tensor],
-                                                                        Callable[[torch.Tensor], torch.Tensor]]:
+def _layer_products(g: SparseGraph, rows: torch.Tensor | None, frozen: torch.Tensor | None = None,
+                    ) -> tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]:
     """``(fwd, bwd)``: ``A @ h`` and ``A^T @ g`` (``rows=None``), or ``A[rows] @ h`` and
-    ``A[rows]^T @ g``, on the kernels :func:`propagate` uses (the same numbers)."""
+    ``A[rows]^T @ g``, on the kernels :func:`propagate` uses (the same numbers). ``frozen``:
+    columns appended to ``h`` in the forward's one product, left out of the backward."""
+    cut = 0 if frozen is None else frozen.shape[1]
+
+    def widen(h: torch.Tensor) -> torch.Tensor:
+        return h if frozen is None else torch.cat([h, frozen], 1)
+
+    def narrow(gr: torch.Tensor) -> torch.Tensor:
+        return gr if cut == 0 else gr[:, : gr.shape[1] - cut].contiguous()
+
     if rows is None:
-        return (lambda h: full_product(g.mat, h)), (lambda gr: full_product(g.mat_t, gr))
+        return (lambda h: full_product(g.mat, widen(h))), (lambda gr: full_product(g.mat_t, narrow(gr)))
     if not host_kernels(g.mat.device):  # the full product, then the rows (as propagate does)
         def scatter_back(gr: torch.Tensor) -> torch.Tensor:
+            gr = narrow(gr)
             return full_product(g.mat_t, gr.new_zeros(g.shape[0], gr.shape[1]).index_copy_(0, rows, gr))
-        return (lambda h: full_product(g.mat, h).index_select(0, rows)), scatter_back
+        return (lambda h: full_product(g.mat, widen(h)).index_select(0, rows)), scatter_back
     A_rows = scipy_view(g.mat)[rows.cpu().numpy()]
     # SciPy's CSC-times-dense kernel is about 2.5x slower than converting to CSR first
-    return (lambda h: _host_mm(A_rows, h)), (lambda gr: _host_mm(A_rows.T.tocsr(), gr))
+    return (lambda h: _host_mm(A_rows, widen(h))), (lambda gr: _host_mm(A_rows.T.tocsr(), narrow(gr)))
+
+
+def propagate_with_rows(g: SparseGraph, x: torch.Tensor, rows: torch.Tensor, *,
+                        frozen: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A[rows] @ [x, frozen], x[rows])`` (``frozen`` optional, columns after ``x``'s that need
+    no gradient, e.g. a branch the loss detaches): one product over all columns; the backward
+    runs ``A[rows]^T`` over ``x``'s columns only and adds the gathered rows' gradient in place
+    (:class:`_LayerAndRows`), with no ``[N, d]`` scatter buffer. For a layer whose output and
+    input are both read at the batch's rows (a residual ``A x + x`` at those rows)."""
+    fwd, bwd = _layer_products(g, rows, None if frozen is None else frozen.detach())
+    return _LayerAndRows.apply(x, rows.long(), fwd, bwd)
 
 
 def lightgcn_rows(

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mbrec.dense import gemm_kernel, matmul
+from mbrec.dense import exp_, gemm_kernel, matmul
 
 #: the epsilon of the ``log_eps`` BPR form, ``-log(1e-10 + sigmoid(x))`` (CRGCN/RMBRec code)
 BPR_EPS = 1e-10
@@ -107,7 +107,7 @@ def _shifted_exp(q: torch.Tensor, c: torch.Tensor, out: torch.Tensor) -> tuple[t
         matmul(torch.cat([q, -top], 1), torch.cat([c, c.new_ones(c.shape[0], 1)], 1).T, out=out)
     else:
         torch.addmm(-top, q, c.T, out=out)
-    out.exp_()
+    exp_(out)
     total = out.sum(dim=1, keepdim=True)
     bad = ~(total > 0) | ~torch.isfinite(total)
     if bool(bad.any()):

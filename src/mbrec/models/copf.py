@@ -58,7 +58,7 @@ from torch import nn
 from mbrec.data.container import MultiBehaviorData
 from mbrec.dense import matmul
 from mbrec.errors import ConfigError
-from mbrec.graph import SparseGraph, bipartite, normalize_sym, propagate, to_device
+from mbrec.graph import SparseGraph, bipartite, normalize_sym, propagate, propagate_with_rows, to_device
 from mbrec.losses import bpr, info_nce, l2
 from mbrec.models._experts import GatedTower, left_graphs, xavier_table
 from mbrec.models.base import Model, ModelConfig, register
@@ -200,40 +200,60 @@ class COPF(Model):
         c, K, d = self.config, self.K, self.config.embedding_dim
         out: dict[tuple[int, int], torch.Tensor] = {}
         for k in range(K) if tasks is None else tasks:
-            # training path (rows given): the experts a training step detaches go last and come
-            # back detached; the last layer's backward then covers only the others' columns
             others = [j for j in range(K) if j != k]
+            # training path (rows given): the experts a step detaches go last and come back
+            # detached; the last layer's backward then covers only the others' columns
             frozen = [j for j in others if rows is not None and self._detached(j)]
             order = [j for j in others if j not in frozen] + frozen
-            # F0 = (alpha e^j + beta e^k) / 2 as 0.5 alpha (e^j + (beta / alpha) e^k): two passes per expert
-            with torch.no_grad():
-                f_frozen = [_mix(e[j], e[k], c.alpha, c.beta) for j in frozen]
-            f = torch.cat([_mix(e[j], e[k], c.alpha, c.beta) for j in order[: len(order) - len(frozen)]] + f_frozen, 1)
-            r, total = self.beh_emb[k], f
+            live, fixed = self._first_inputs(e, k, order[: len(order) - len(frozen)], frozen)
             S = None if rows is None else rows.get(k)
-            L = self.mtl_layers[k]
-            for layer in range(L):
-                if layer > 0:
-                    r = r @ self.mtl_w[layer - 1]
-                rr = r.repeat(len(others))
-                if S is not None and layer == L - 1:  # only the rows the loss reads
-                    # A (F * r) = (A F) * r (r scales columns): the scale runs on the read rows only
-                    f_S = f[S]
-                    base = 2.0 * f_S if total is f else total[S] + f_S
-                    live = (len(others) - len(frozen)) * d
-                    product = (propagate(graphs["own"][k], f[:, :live], S, frozen=f[:, live:])
-                               if 0 < live < f.shape[1] and layer == 0 else propagate(graphs["own"][k], f, S))
-                    total = torch.addcmul(base, product, rr)
-                    break
-                f = propagate(graphs["own"][k], f * rr) + f
-                total = total + f
-            else:
-                if S is not None:
-                    total = total[S]
+            total = self._expert_layers(graphs["own"][k], k, live, fixed, S)
             for n, j in enumerate(order):
                 x = c.fit_scale * total[:, n * d : (n + 1) * d]
                 out[(k, j)] = x.detach() if j in frozen else x
         return out
+
+    def _first_inputs(self, e: list[torch.Tensor], k: int, live: list[int], frozen: list[int],
+                      ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Task k's ``F0 = (alpha e^j + beta e^k) / 2`` for its experts j, side by side: those that
+        train and those a step detaches (built without a graph); either may be None."""
+        c = self.config
+
+        def mixes(js: list[int]) -> torch.Tensor | None:
+            parts = [_mix(e[j], e[k], c.alpha, c.beta) for j in js]
+            return None if not parts else parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+
+        with torch.no_grad():
+            fixed = mixes(frozen)
+        return mixes(live), fixed
+
+    def _expert_layers(self, g: SparseGraph, k: int, live: torch.Tensor | None, fixed: torch.Tensor | None,
+                       S: torch.Tensor | None) -> torch.Tensor:
+        """Task k's fitting layers ``F^{l+1} = A (F^l * r_l) + F^l``, summed over ``l = 0..L``, on
+        ``[live, fixed]`` (all nodes, or at ``S`` only, with the last layer computed there alone).
+        One layer at ``S`` (the configs' case): the product and the gather of ``F0`` at ``S`` come
+        from one function whose backward has no ``[N, width]`` scatter buffer."""
+        L, r = self.mtl_layers[k], self.beh_emb[k]
+        n_other = self.K - 1
+        if S is not None and L == 1 and live is not None:
+            # A (F * r) = (A F) * r (r scales columns): the scale runs on the read rows only
+            product, f_S = propagate_with_rows(g, live, S, frozen=fixed)
+            if fixed is not None:
+                f_S = torch.cat([f_S, fixed.index_select(0, S)], 1)
+            return torch.addcmul(2.0 * f_S, product, r.repeat(n_other))
+        f = live if fixed is None else fixed if live is None else torch.cat([live, fixed], 1)
+        total = f
+        for layer in range(L):
+            if layer > 0:
+                r = r @ self.mtl_w[layer - 1]
+            rr = r.repeat(n_other)
+            if S is not None and layer == L - 1:  # only the rows the loss reads
+                f_S = f[S]
+                base = 2.0 * f_S if total is f else total[S] + f_S
+                return torch.addcmul(base, propagate(g, f, S), rr)
+            f = propagate(g, f * rr) + f
+            total = total + f
+        return total if S is None else total[S]
 
     def _detached(self, j: int) -> bool:
         """Whether a training step detaches behavior j's fitting expert (the stop-gradient setting:
