@@ -11,10 +11,15 @@ from mbrec.losses import table_logsumexp
 
 @pytest.fixture
 def gemm(monkeypatch):
+    """Set MBREC_CPU_GEMM; torch runs one thread meanwhile (the rule's auto case needs it)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+
     def set_to(value: str) -> None:
         monkeypatch.setenv("MBREC_CPU_GEMM", value)
 
-    return set_to
+    yield set_to
+    torch.set_num_threads(before)
 
 
 def _big(n: int = 300, m: int = 400, d: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -30,6 +35,9 @@ def test_rule_picks_numpy_only_for_large_cpu_float32_products(gemm):
     assert dense.gemm_kernel(q[:2], c[:3].T) == "torch"  # 6 entries: call overhead dominates
     assert dense.gemm_kernel(q.double(), c.double().T) == "torch"
     assert dense.gemm_kernel(q[None], c.T) == "torch"  # not 2-D
+    torch.set_num_threads(2)  # two thread pools would spin against each other: torch's alone
+    assert dense.gemm_kernel(q, c.T) == "torch"
+    torch.set_num_threads(1)
     gemm("torch")
     assert dense.gemm_kernel(q, c.T) == "torch"
     gemm("numpy")

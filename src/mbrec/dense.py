@@ -3,17 +3,21 @@
 torch's CPU wheels multiply with Intel MKL; NumPy's wheels bundle OpenBLAS. For the products
 mbrec runs most, a batch of embeddings against a whole table with a small inner dimension
 (``[n, 64] @ [64, m]``: contrastive logits against every user or item, full-ranking scores),
-OpenBLAS was 2.0-2.6x faster than MKL on this project's AMD EPYC (AVX-512) CPU, and 1.1-1.3x on
-the two backward products (``[n, m] @ [m, 64]``, ``[m, n] @ [n, 64]``); ``BENCHMARKS.md``,
+OpenBLAS was 2.2-3.1x faster than MKL on one thread of this project's AMD EPYC (AVX-512) CPU,
+and 1.0-1.4x on the two backward products (``[n, m] @ [m, 64]``, ``[m, n] @ [n, 64]``); ``BENCHMARKS.md``,
 "Dense products", has the table and the command. On an Intel CPU MKL may win; set
 ``MBREC_CPU_GEMM=torch`` there.
 
 The rule (:func:`gemm_kernel`), not a per-process measurement, because the two libraries round
 differently in the last bits: a choice that could flip between two runs of the same seed would
-make them differ. So on a given machine and setting every run multiplies the same way:
+make them differ. So on a given machine, setting and thread count every run multiplies the
+same way:
 
 * off the CPU, for other dtypes than float32, or for products whose result has fewer than
   :data:`MIN_OUTPUT` entries (call overhead dominates there): torch;
+* when torch runs more than one thread: torch. Two thread pools (torch's OpenMP, OpenBLAS's)
+  that take turns on the same cores spin against each other: COPF on Taobao with two threads
+  took 0.87 s per step on NumPy's BLAS against 0.49 s on torch's;
 * ``MBREC_CPU_GEMM=torch|numpy``: that library; ``auto`` (default): NumPy's.
 
 :func:`matmul` is a product without autograd (evaluation, hand-written backwards). NumPy's
@@ -49,9 +53,9 @@ def gemm_kernel(a: torch.Tensor, b: torch.Tensor) -> str:
     if a.dtype != torch.float32 or b.dtype != torch.float32:
         return "torch"
     setting = _setting()
-    if setting == "torch" or (setting == "auto" and a.shape[0] * b.shape[1] < MIN_OUTPUT):
+    if setting == "auto" and (a.shape[0] * b.shape[1] < MIN_OUTPUT or torch.get_num_threads() > 1):
         return "torch"
-    return "numpy"
+    return setting if setting != "auto" else "numpy"
 
 
 def matmul(a: torch.Tensor, b: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -73,9 +77,11 @@ def matmul(a: torch.Tensor, b: torch.Tensor, *, out: torch.Tensor | None = None)
 
 def exp_(x: torch.Tensor) -> torch.Tensor:
     """``x.exp_()`` without autograd, on the library :func:`gemm_kernel`'s rule picks for a
-    result of ``x``'s size (NumPy for a large contiguous CPU float32 tensor)."""
+    result of ``x``'s size (NumPy for a large contiguous CPU float32 tensor on one torch thread)."""
     big = x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous() and x.numel() >= MIN_OUTPUT
-    if not big or _setting() == "torch" or (x.requires_grad and torch.is_grad_enabled()):
+    setting = _setting()
+    single = torch.get_num_threads() == 1 or setting == "numpy"
+    if not big or not single or setting == "torch" or (x.requires_grad and torch.is_grad_enabled()):
         return x.exp_()
     xn = x.detach().numpy()
     with np.errstate(all="ignore"):
