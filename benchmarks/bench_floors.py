@@ -1,6 +1,6 @@
 """Every model's training epoch against its kernel floor, one ``mbrec bench`` process per row.
 
-    python benchmarks/bench_floors.py [--threads 1 2] [--steps 8] [--only copf pkef] [--data hkuds-beibei]
+    python benchmarks/bench_floors.py [--threads 1 2] [--steps 8] [--rounds 3] [--only copf pkef] [--data hkuds-beibei]
 
 Rows: each model's paper configs (``configs/<model>/<dataset>.yaml`` for the shared datasets).
 Prints one Markdown table: model, dataset, threads, measured epoch s (median step x steps per
@@ -28,10 +28,10 @@ ROWS = [
 ]
 
 
-def run_row(model: str, data: str, threads: int, steps: int, clock: str) -> dict:
+def run_row(model: str, data: str, threads: int, steps: int, clock: str, rounds: int = 1) -> dict:
     cmd = [sys.executable, "-m", "mbrec", "--threads", str(threads), "bench", model, data,
            "--config", str(ROOT / "configs" / model / f"{data}.yaml"), "--steps", str(steps), "--clock", clock,
-           "--json"]
+           "--rounds", str(rounds), "--json"]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
     if done.returncode != 0:
@@ -46,6 +46,7 @@ def main() -> None:
     ap.add_argument("--only", nargs="+", help="models to run (default: all rows)")
     ap.add_argument("--data", nargs="+", help="datasets to run (default: all rows)")
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall", help="mbrec bench --clock")
+    ap.add_argument("--rounds", type=int, default=1, help="mbrec bench --rounds")
     args = ap.parse_args()
     print("| model | dataset | threads | epoch s | floor s | ratio | peak MB | command |")
     print("|---|---|---|---|---|---|---|---|")
@@ -53,8 +54,8 @@ def main() -> None:
         if (args.only and model not in args.only) or (args.data and data not in args.data):
             continue
         for t in args.threads:
-            r = run_row(model, data, t, args.steps, args.clock)
-            cmd = f"`mbrec --threads {t} bench {model} {data} --steps {args.steps} --clock {args.clock}`"
+            r = run_row(model, data, t, args.steps, args.clock, args.rounds)
+            cmd = f"`mbrec --threads {t} bench {model} {data} --steps {args.steps} --clock {args.clock} --rounds {args.rounds}`"
             if "error" in r:
                 print(f"| {model} | {data} | {t} | - | - | - | - | {cmd}: {r['error']} |", flush=True)
                 continue

@@ -117,6 +117,15 @@ def test_bench_command_json(capsys) -> None:
     assert out["model"] == "lightgcn" and out["step_s"] > 0 and out["steps_per_epoch"] >= 1
 
 
+def test_bench_rounds_alternate_steps_and_floor_and_report_medians(capsys) -> None:
+    assert main(["bench", "lightgcn", "synthetic", "--steps", "1", "--repeats", "1", "--rounds", "3", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    rounds = out["rounds"]
+    assert len(rounds) == 3 and all(st > 0 and fl > 0 for st, fl in rounds)
+    assert out["step_s"] == pytest.approx(sorted(st for st, _ in rounds)[1])  # the median round's step
+    assert main(["bench", "lightgcn", "synthetic", "--rounds", "0"]) == 2
+
+
 def test_bench_command_rejects_zero_steps(capsys) -> None:
     assert main(["bench", "lightgcn", "synthetic", "--steps", "0"]) == 2
 

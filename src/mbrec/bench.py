@@ -97,6 +97,9 @@ class BenchReport:
     clock: str = "wall"
     #: the kernels the training steps' full products ran on (:func:`mbrec.graph.kernel_choices`)
     step_kernels: list[dict[str, Any]] = field(default_factory=list)
+    #: ``(step s, floor step s)`` of each round (``bench(rounds=...)``); the report's own figures
+    #: are the medians over the rounds
+    rounds: list[tuple[float, float]] = field(default_factory=list)
 
     @property
     def floor_step_s(self) -> float:
@@ -114,7 +117,7 @@ class BenchReport:
                 "epoch_s": self.step_s * self.steps_per_epoch, "sample_s": self.sample_s, "peak_mb": self.peak_mb,
                 "products": [{"name": t.product.name, "forward_s": t.forward_s, "backward_s": t.backward_s,
                               "kernel": t.kernel} for t in self.products],
-                "step_kernels": self.step_kernels}
+                "step_kernels": self.step_kernels, "rounds": [list(r) for r in self.rounds]}
 
     def table(self) -> str:
         """The report as Markdown: the products, then one summary row."""
@@ -141,6 +144,10 @@ class BenchReport:
                   f"| {self.steps_per_epoch} | {fl:.3f} | {self.step_s:.3f} | {self.ratio:.2f} | "
                   f"{fl * self.steps_per_epoch:.1f} | {self.step_s * self.steps_per_epoch:.1f} | {self.sample_s:.4f} | "
                   f"{self.peak_mb:.0f} |"]
+        if len(self.rounds) > 1:
+            lines += ["", f"Rounds (steps, then the floor's products, {len(self.rounds)} times; the figures above are "
+                      "their medians): " + "; ".join(f"step {st:.3f} s / floor {fl_r:.3f} s = {st / fl_r:.2f}"
+                                                    for st, fl_r in self.rounds)]
         if self.step_kernels:
             lines += ["", "Kernels of the training steps' full products (chosen by measurement, mbrec.graph.full_kernel): "
                       + "; ".join(f"[{k['shape'][0]:,} x {k['shape'][1]:,}, nnz {k['nnz']:,}] x {k['width']}: {k['kernel']}"
@@ -240,10 +247,13 @@ def steps_per_epoch(sampler: Any, rng: np.random.Generator) -> int:
 
 
 def bench(cfg: Any, *, steps: int = 10, repeats: int = 5, out: Callable[[str], None] | None = None,
-          clock: str = "wall", pretrain: bool = False) -> BenchReport:
+          clock: str = "wall", pretrain: bool = False, rounds: int = 1) -> BenchReport:
     """Measure ``steps`` training steps of ``cfg`` and time the model's floor products, both with
     ``clock`` (:data:`CLOCKS`). ``pretrain``: the steps of the model's pretraining instead (a
-    model with a ``pretraining(data, device)`` method returning objective, sampler, optimiser)."""
+    model with a ``pretraining(data, device)`` method returning objective, sampler, optimiser).
+    ``rounds``: steps then products, that many times in turn; step and product times are the
+    medians over the rounds, so a spell of a busy machine lands in both the steps and the floor
+    of one round instead of in one of them."""
     global _clock
     _clock = CLOCKS[clock]
     from mbrec.errors import ConfigError
@@ -266,17 +276,40 @@ def bench(cfg: Any, *, steps: int = 10, repeats: int = 5, out: Callable[[str], N
     name = f"{cfg.model} (pretraining)" if pretrain else cfg.model
     report = BenchReport(name, data.name, torch.get_num_threads(), str(device),
                          steps_per_epoch(sampler, np.random.default_rng(cfg.seed)), clock=clock)
-    first = _time_steps(report, trainable, graphs, sampler, opt, np.random.default_rng(cfg.seed), device, steps, say)
-    report.step_kernels = [{k: v for k, v in c.items() if k != "seconds"} for c in kernel_choices()]
-    products = trainable.floor_products(graphs, to_tensors(first, device))
-    prng = np.random.default_rng(0)
-    for p in products:
-        say(f"timing {p.name}")
-        t = time_sparse(p, device, repeats, prng) if isinstance(p, SparseProduct) else time_dense(p, device, repeats)
-        report.products.append(t)
+    rng = np.random.default_rng(cfg.seed)
+    products: list[Product] = []
+    per_round: list[list[ProductTime]] = []
+    step_times = []
+    for r in range(rounds):
+        first = _time_steps(report, trainable, graphs, sampler, opt, rng, device, steps, say)
+        step_times.append(report.step_s)
+        if r == 0:
+            report.step_kernels = [{k: v for k, v in c.items() if k != "seconds"} for c in kernel_choices()]
+            products = trainable.floor_products(graphs, to_tensors(first, device))
+        per_round.append(_time_products(products, device, repeats, say))
+        report.rounds.append((report.step_s, sum(t.seconds for t in per_round[-1])))
+    report.step_s = statistics.median(step_times)
+    report.products = [_median_product(times) for times in zip(*per_round)]
     if not products:
         print(f"mbrec bench: {name} declares no floor products (floor_products)", file=sys.stderr)
     return report
+
+
+def _time_products(products: list[Product], device: torch.device, repeats: int,
+                   say: Callable[[str], None]) -> list[ProductTime]:
+    prng = np.random.default_rng(0)  # the same random rows in every round
+    out = []
+    for p in products:
+        say(f"timing {p.name}")
+        out.append(time_sparse(p, device, repeats, prng) if isinstance(p, SparseProduct) else time_dense(p, device, repeats))
+    return out
+
+
+def _median_product(times: tuple[ProductTime, ...]) -> ProductTime:
+    """One product over the rounds: median forward and backward; the kernel of the fastest round."""
+    best = min(times, key=lambda t: t.seconds)
+    return ProductTime(best.product, statistics.median(t.forward_s for t in times),
+                       statistics.median(t.backward_s for t in times), best.kernel)
 
 
 def _time_steps(report: BenchReport, trainable: Any, graphs: Any, sampler: Any, opt: torch.optim.Optimizer,

@@ -65,6 +65,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--steps", type=int, default=10, help="timed training steps (default 10)")
     p.add_argument("--repeats", type=int, default=5, help="timings per floor product (median; default 5)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="steps, then the floor's products, this many times in turn (medians over the rounds; default 1)")
     p.add_argument("--device", help="cpu or cuda")
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                    help="time with the wall clock (default) or this process's CPU time (steadier on a shared "
@@ -299,15 +301,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from mbrec.bench import bench
     from mbrec.config import build_config
 
-    if args.steps < 1 or args.repeats < 1:
-        raise MbrecError("--steps and --repeats must be at least 1")
+    if args.steps < 1 or args.repeats < 1 or args.rounds < 1:
+        raise MbrecError("--steps, --repeats and --rounds must be at least 1")
     config = args.config
     if config is None:
         guess = Path(__file__).resolve().parents[3] / "configs" / args.model / f"{Path(args.data).name}.yaml"
         config = str(guess) if guess.is_file() else None
     extra = list(args.set) + ([f"device={args.device}"] if args.device else [])
     cfg = build_config(args.model, args.data, config_file=config, overrides=extra)
-    report = bench(cfg, steps=args.steps, repeats=args.repeats, clock=args.clock, pretrain=args.pretrain,
+    report = bench(cfg, steps=args.steps, repeats=args.repeats, clock=args.clock, pretrain=args.pretrain, rounds=args.rounds,
                    out=None if args.json else (lambda m: print(m, file=sys.stderr)))
     if args.json:
         print(json.dumps({**report.as_dict(), "config": config}))
