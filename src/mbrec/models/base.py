@@ -94,8 +94,9 @@ class Model(nn.Module):
     def floor_products(self, graphs: Any, batch: Mapping[str, torch.Tensor]) -> list[Any]:
         """The large products one training step on ``batch`` requires (``mbrec.bench``'s
         ``SparseProduct``/``DenseProduct``): what the algorithm needs, counting only output rows
-        the loss reads. ``mbrec bench`` times them with the fastest kernel to give the step's
-        floor. Models that do not declare them report no floor."""
+        the loss reads (give a sparse product the batch's row indices, not only their count: their
+        degrees decide its cost). ``mbrec bench`` times them with the fastest kernel to give the
+        step's floor. Models that do not declare them report no floor."""
         return []
 
     @property
