@@ -38,6 +38,10 @@ def test_rule_picks_numpy_only_for_large_cpu_float32_products(gemm):
     torch.set_num_threads(2)  # two thread pools would spin against each other: torch's alone
     assert dense.gemm_kernel(q, c.T) == "torch"
     torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as mp:  # inside a process group: torch's (ranks aborted at exit)
+        mp.setattr(torch.distributed, "is_initialized", lambda: True)
+        assert dense.gemm_kernel(q, c.T) == "torch"
+    assert dense.gemm_kernel(q, c.T) == "numpy"
     gemm("torch")
     assert dense.gemm_kernel(q, c.T) == "torch"
     gemm("numpy")

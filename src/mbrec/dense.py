@@ -18,6 +18,10 @@ same way:
 * when torch runs more than one thread: torch. Two thread pools (torch's OpenMP, OpenBLAS's)
   that take turns on the same cores spin against each other: COPF on Taobao with two threads
   took 0.87 s per step on NumPy's BLAS against 0.49 s on torch's;
+* inside a torch.distributed process group: torch. Ranks that had multiplied on NumPy's BLAS
+  aborted at exit ("terminate called without an active exception") in 3 of 6 runs of
+  ``tests/test_distributed.py``'s torchrun test on a loaded 2-core machine, against 0 of 4 on
+  torch's GEMM and 0 of 4 before NumPy was used; the cause is not known;
 * ``MBREC_CPU_GEMM=torch|numpy``: that library; ``auto`` (default): NumPy's.
 
 :func:`matmul` is a product without autograd (evaluation, hand-written backwards). NumPy's
@@ -53,9 +57,16 @@ def gemm_kernel(a: torch.Tensor, b: torch.Tensor) -> str:
     if a.dtype != torch.float32 or b.dtype != torch.float32:
         return "torch"
     setting = _setting()
-    if setting == "auto" and (a.shape[0] * b.shape[1] < MIN_OUTPUT or torch.get_num_threads() > 1):
+    if setting == "auto" and (a.shape[0] * b.shape[1] < MIN_OUTPUT or not _numpy_allowed()):
         return "torch"
     return setting if setting != "auto" else "numpy"
+
+
+def _numpy_allowed() -> bool:
+    """One torch thread and no process group (module docstring)."""
+    import torch.distributed as dist
+
+    return torch.get_num_threads() == 1 and not (dist.is_available() and dist.is_initialized())
 
 
 def matmul(a: torch.Tensor, b: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -80,8 +91,8 @@ def exp_(x: torch.Tensor) -> torch.Tensor:
     result of ``x``'s size (NumPy for a large contiguous CPU float32 tensor on one torch thread)."""
     big = x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous() and x.numel() >= MIN_OUTPUT
     setting = _setting()
-    single = torch.get_num_threads() == 1 or setting == "numpy"
-    if not big or not single or setting == "torch" or (x.requires_grad and torch.is_grad_enabled()):
+    allowed = _numpy_allowed() or setting == "numpy"
+    if not big or not allowed or setting == "torch" or (x.requires_grad and torch.is_grad_enabled()):
         return x.exp_()
     xn = x.detach().numpy()
     with np.errstate(all="ignore"):
