@@ -52,14 +52,19 @@ def _setting() -> str:
 
 def gemm_kernel(a: torch.Tensor, b: torch.Tensor) -> str:
     """``"numpy"`` or ``"torch"``: the library :func:`matmul` uses for ``a @ b`` (module docstring)."""
-    if a.device.type != "cpu" or b.device.type != "cpu" or a.dim() != 2 or b.dim() != 2:
+    if a.dim() != 2 or b.dim() != 2:
         return "torch"
-    if a.dtype != torch.float32 or b.dtype != torch.float32:
+    return _library(a.shape[0] * b.shape[1], a, b)
+
+
+def _library(n_out: int, *tensors: torch.Tensor) -> str:
+    """The rule of the module docstring for a result of ``n_out`` entries from ``tensors``."""
+    if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
         return "torch"
     setting = _setting()
-    if setting == "auto" and (a.shape[0] * b.shape[1] < MIN_OUTPUT or not _numpy_allowed()):
-        return "torch"
-    return setting if setting != "auto" else "numpy"
+    if setting != "auto":
+        return setting
+    return "numpy" if n_out >= MIN_OUTPUT and _numpy_allowed() else "torch"
 
 
 def _numpy_allowed() -> bool:
@@ -89,10 +94,8 @@ def matmul(a: torch.Tensor, b: torch.Tensor, *, out: torch.Tensor | None = None)
 def exp_(x: torch.Tensor) -> torch.Tensor:
     """``x.exp_()`` without autograd, on the library :func:`gemm_kernel`'s rule picks for a
     result of ``x``'s size (NumPy for a large contiguous CPU float32 tensor on one torch thread)."""
-    big = x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous() and x.numel() >= MIN_OUTPUT
-    setting = _setting()
-    allowed = _numpy_allowed() or setting == "numpy"
-    if not big or not allowed or setting == "torch" or (x.requires_grad and torch.is_grad_enabled()):
+    small = x.numel() < MIN_OUTPUT or not x.is_contiguous()  # small: torch whatever the setting
+    if small or (x.requires_grad and torch.is_grad_enabled()) or _library(x.numel(), x) == "torch":
         return x.exp_()
     xn = x.detach().numpy()
     with np.errstate(all="ignore"):

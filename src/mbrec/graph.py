@@ -205,19 +205,19 @@ def spmm(g: SparseGraph, x: torch.Tensor) -> torch.Tensor:
     return full_product(g.mat, x)
 
 
-class _RowsSpMM(torch.autograd.Function):
-    """``A[S] @ x`` with SciPy's CSR kernel (CPU): the forward reads only the rows ``S``; the
-    backward is ``A[S]^T @ g``, again only ``|S|`` rows of work."""
+class _Product(torch.autograd.Function):
+    """``fwd(x)`` with the gradient ``bwd(g)``: a product and its transpose from
+    :func:`_layer_products` (the row-subset kernels, defined there once)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, A_rows: sp.csr_matrix) -> torch.Tensor:  # type: ignore[override]
-        ctx.A_rows = A_rows
-        return _host_mm(A_rows, x)
+    def forward(ctx, x: torch.Tensor, fwd: Callable[[torch.Tensor], torch.Tensor],  # type: ignore[override]
+                bwd: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        ctx.bwd = bwd
+        return fwd(x.detach())
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):  # type: ignore[override]
-        # SciPy's CSC-times-dense kernel is about 2.5x slower than converting to CSR first
-        return _host_mm(ctx.A_rows.T.tocsr(), g), None
+        return ctx.bwd(g.contiguous()), None, None
 
 
 def host_kernels(device: torch.device | str) -> bool:
@@ -257,8 +257,8 @@ def propagate(g: SparseGraph, x: torch.Tensor, rows: torch.Tensor | None = None)
         return spmm(g, x)
     if not host_kernels(g.mat.device):
         return spmm(g, x)[rows]
-    A_rows = scipy_view(g.mat)[rows.cpu().numpy()]
-    return _RowsSpMM.apply(x, A_rows) if x.requires_grad else _host_mm(A_rows, x)
+    fwd, bwd = _layer_products(g, rows)
+    return _Product.apply(x, fwd, bwd) if x.requires_grad else fwd(x)
 
 
 def lightgcn_stack(

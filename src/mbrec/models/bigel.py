@@ -206,23 +206,19 @@ class BiGEL(Model):
         ego = self._ego() if ego is None else ego
         return self._lightgcn(graphs["global"], ego, self.config.global_layers, include_ego=True, rows=rows)
 
-    def cascade(self, graphs: Mapping[str, Any], target_rows: torch.Tensor | None = None,
-                ego: torch.Tensor | None = None) -> list[torch.Tensor]:
-        """CGL: the per-behavior node embeddings e^(k), ``[U+I, d]`` each, in cascade order; with
-        ``target_rows`` the target's (last) entry holds only those rows. ``ego``: the stacked
+    def cascade(self, graphs: Mapping[str, Any], ego: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """CGL: the per-behavior node embeddings e^(k), ``[U+I, d]`` each, in cascade order
+        (training reads them at its rows through :meth:`_cascade_rows`). ``ego``: the stacked
         ``[P; Q]`` when the caller has it already."""
         x = self._ego() if ego is None else ego
         outs = []
-        K = len(self.layers)
-        for k, (g, n_layers) in enumerate(zip(graphs["behavior"], self.layers)):
-            rows = target_rows if k == K - 1 else None
-            prop = self._lightgcn(g, x, n_layers, include_ego=False, rows=rows)
-            x_rows = x if rows is None else x[rows]
+        for g, n_layers in zip(graphs["behavior"], self.layers):
+            prop = self._lightgcn(g, x, n_layers, include_ego=False)
             if self.config.residual == "output":
-                e = prop + x_rows
+                e = prop + x
                 x = e
             elif self.config.residual == "handover":
-                e, x = prop, prop + x_rows
+                e, x = prop, prop + x
             else:
                 e = x = prop
             outs.append(e)

@@ -369,9 +369,7 @@ class COPF(Model):
         if self.spec["head"] == "dfme" and self.spec["fitting"]:
             for k in (k for k in range(K) if self.lam[k] != 0.0):
                 others = [j for j in range(K) if j != k]
-                live = [j for j in others if not (self.spec["stop_gradient"] == "intended" and j == K - 1)]
-                if self.spec["stop_gradient"] == "all":
-                    live = []
+                live = [j for j in others if not self._detached(j)]
                 rows = torch.unique(torch.cat([batch[f"users_{k}"], U + batch[f"pos_{k}"], U + batch[f"neg_{k}"]]))
                 L = self.mtl_layers[k]
                 for n in range(L):
