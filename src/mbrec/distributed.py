@@ -295,10 +295,22 @@ class Parallel:
         self._owns_group = True
 
     def close(self) -> None:
+        """Leave the process group this object joined, together with the other ranks.
+
+        A barrier first, so that no rank tears its group down while another still has a
+        collective in flight; then the group is destroyed and collected here, while the
+        interpreter is whole. Gloo's worker threads drop their last reference to a finished
+        collective shortly after it completes; if that happens during interpreter shutdown (a
+        loaded machine delays those threads) the process aborts with "terminate called without
+        an active exception" after doing all its work. Destroying the group joins those threads."""
+        import gc
+
         import torch.distributed as dist
 
         if self._owns_group and dist.is_initialized():
+            dist.barrier()
             dist.destroy_process_group()
+            gc.collect()
         self._owns_group = False
 
     def device(self, name: str) -> torch.device:
