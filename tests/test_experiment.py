@@ -244,6 +244,18 @@ def test_rows_split_an_experiment_and_the_full_spec_reuses_them(tmp_path: Path, 
     assert "no model row named ['nope']" in capsys.readouterr().err
 
 
+def test_datasets_select_columns_and_name_the_unknown(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    spec = tiny_spec(tmp_path, datasets=[{"name": "synthetic", "label": "Syn"},
+                                         {"name": "other", "label": "Other", "data": "synthetic"}])
+    out = str(tmp_path / "o")
+    assert main(["experiment", str(spec), "--out", out, "--datasets", "other", "--rows", "merged", "--dry-run"]) == 0
+    listed = capsys.readouterr().out
+    assert "2 runs: 0 done, 0 to resume, 2 new" in listed
+    assert "on other" in listed and "on synthetic" not in listed
+    assert main(["experiment", str(spec), "--datasets", "other,nope", "--dry-run"]) == 2
+    assert "no dataset named ['nope']; datasets: ['synthetic', 'other']" in capsys.readouterr().err
+
+
 # -- noise, sweep, plots, tune ------------------------------------------------------------------
 def test_noise_command_writes_table_and_png(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     sets = [x for k, v in TINY.items() for x in ("--set", f"{k}={v}")]

@@ -61,6 +61,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("spec", help="experiment YAML (experiments/*.yaml)")
     p.add_argument("--rows", help="comma list of model rows to run (default all); the tables then cover those "
                    "rows, and a later run of the whole spec reuses their runs")
+    p.add_argument("--datasets", help="comma list of the spec's dataset names to run (default all); like --rows, "
+                   "a later run of the whole spec reuses their runs")
     _common(p)
     p.set_defaults(func=cmd_experiment)
 
@@ -127,11 +129,13 @@ def _execute(spec: Any, args: argparse.Namespace) -> int:
 
 def cmd_experiment(args: argparse.Namespace) -> int:
     from mbrec.experiment import load_spec
-    from mbrec.experiment.spec import select_rows
+    from mbrec.experiment.spec import select_datasets, select_rows
 
     spec = load_spec(args.spec)
     if args.rows is not None:
         spec = select_rows(spec, _names(args.rows))
+    if args.datasets is not None:
+        spec = select_datasets(spec, _names(args.datasets))
     return _execute(spec, args)
 
 

@@ -419,12 +419,24 @@ def select_rows(spec: ExperimentSpec, names: list[str]) -> ExperimentSpec:
     return replace(spec, models=models, reference=spec.reference if spec.reference in names else None)
 
 
+def select_datasets(spec: ExperimentSpec, names: list[str]) -> ExperimentSpec:
+    """The spec restricted to the dataset columns ``names`` (in the spec's order): the cheap
+    datasets of a table first, the expensive ones in another process or later. As with
+    :func:`select_rows`, the run folders do not change, so the whole spec reuses these runs."""
+    known = [d.name for d in spec.datasets]
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+        raise ConfigError(f"experiment {spec.name!r}: no dataset named {unknown or names!r}; datasets: {known}")
+    return replace(spec, datasets=[d for d in spec.datasets if d.name in names])
+
+
 def default_out_dir(spec: ExperimentSpec) -> Path:
     return Path("runs") / "experiments" / safe_name(spec.name)
 
 
 __all__ = [
     "DatasetEntry", "ExperimentSpec", "ModelEntry", "NoiseSpec", "RunPlan", "SweepSpec",
-    "build_run_config", "default_out_dir", "expand", "load_spec", "nest", "safe_name", "select_rows",
+    "build_run_config", "default_out_dir", "expand", "load_spec", "nest", "safe_name", "select_datasets",
+    "select_rows",
     "spec_from_dict",
 ]
